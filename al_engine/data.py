@@ -1,0 +1,548 @@
+"""Datasets behind one registry, and the Pool that tracks which items are labeled.
+
+Every dataset is held in memory as uint8 tensors of shape (N, C, H, W); normalisation is
+applied per batch (`Dataset.normalize`), which keeps CIFAR-10 at 150 MB instead of 600 MB.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, DatasetError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+# Where Debian's dataset-fashion-mnist package installs its IDX files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+
+@dataclass
+class Dataset:
+    """A train pool and an optional held-out test split, as uint8 image tensors in memory."""
+
+    name: str
+    classes: list[str]
+    train_images: torch.Tensor  # (N, C, H, W) uint8
+    train_labels: torch.Tensor  # (N,) int64 ground truth; -1 where unknown (real annotation work)
+    test_images: torch.Tensor | None = None  # (M, C, H, W) uint8
+    test_labels: torch.Tensor | None = None  # (M,) int64
+    file_names: list[str] | None = None  # per pool item, for image folders
+    flip_augment: bool = False  # horizontal flips preserve the class (natural images, not digits)
+    mean: tuple[float, ...] = field(default=())
+    std: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.mean:
+            self.mean, self.std = channel_stats(self.train_images)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+    @property
+    def has_ground_truth(self) -> bool:
+        return bool((self.train_labels >= 0).all())
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float32, scaled to [0, 1] then standardised per channel."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "classes": self.classes,
+            "pool_size": int(self.train_images.shape[0]),
+            "test_size": 0 if self.test_images is None else int(self.test_images.shape[0]),
+            "image_shape": list(self.image_shape),
+            "mean": [round(m, 5) for m in self.mean],
+            "std": [round(s, 5) for s in self.std],
+        }
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images, on the [0, 1] scale."""
+    channels = images.shape[1]
+    flat = images.transpose(0, 1).reshape(channels, -1)
+    mean, std = [], []
+    for c in range(channels):  # one channel at a time keeps the float copy small
+        values = flat[c].double() / 255.0
+        mean.append(float(values.mean()))
+        std.append(max(float(values.std()), 1e-3))
+    return tuple(mean), tuple(std)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass
+class LoadOptions:
+    """What the command line says about where and how to load a dataset."""
+
+    data_dir: str | None = None
+    download: bool = False
+    subset: int | None = None  # keep a seeded random N of the pool
+    classes: list[str] | None = None  # class names for a flat folder of unlabeled images
+    image_size: int = 32  # side, in pixels, that image-folder images are resized to
+    seed: int = 0
+
+
+DATASETS: dict[str, Callable[[LoadOptions], Dataset]] = {}
+
+
+def register_dataset(name: str):
+    def decorator(loader):
+        DATASETS[name] = loader
+        return loader
+    return decorator
+
+
+def dataset_names() -> list[str]:
+    return sorted(DATASETS)
+
+
+def load_dataset(name: str, options: LoadOptions | None = None) -> Dataset:
+    """Load a dataset by registry name; bad names and missing files raise a one-line UserError."""
+    options = options or LoadOptions()
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose from: {', '.join(dataset_names())}")
+    dataset = DATASETS[name](options)
+    if options.subset is not None:
+        dataset = take_subset(dataset, options.subset, options.seed)
+    return dataset
+
+
+def take_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
+    """Keep a seeded random `size` items of the pool (in their original order); the test split stays."""
+    pool_size = dataset.train_images.shape[0]
+    if size < 1:
+        raise ConfigError(f"--subset must be at least 1, got {size}")
+    if size >= pool_size:
+        return dataset
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(pool_size, generator=generator)[:size].sort().values
+    return Dataset(
+        name=dataset.name,
+        classes=dataset.classes,
+        train_images=dataset.train_images[keep].clone(),
+        train_labels=dataset.train_labels[keep].clone(),
+        test_images=dataset.test_images,
+        test_labels=dataset.test_labels,
+        file_names=None if dataset.file_names is None else [dataset.file_names[i] for i in keep.tolist()],
+        flip_augment=dataset.flip_augment,
+        mean=dataset.mean,
+        std=dataset.std,
+    )
+
+
+def _require_dir(options: LoadOptions, dataset: str) -> Path:
+    if not options.data_dir:
+        raise DatasetError(f"dataset {dataset!r} needs --data-dir PATH")
+    path = Path(options.data_dir)
+    if not path.is_dir() and not options.download:
+        raise DatasetError(f"data folder {str(path)!r} does not exist")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# digits: scikit-learn's embedded 8x8 digits, upsampled to 28x28 so the MNIST-size models fit
+
+
+@register_dataset("digits")
+def load_digits_dataset(options: LoadOptions) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)  # (1797, 1, 8, 8)
+    images = torch.nn.functional.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    # A fixed stratified held-out split of 20% (the same for every seed, like a published test set).
+    rng = np.random.default_rng(12345)
+    test_mask = np.zeros(len(labels), dtype=bool)
+    for cls in range(10):
+        members = np.flatnonzero(bunch.target == cls)
+        test_mask[rng.choice(members, size=len(members) // 5, replace=False)] = True
+    train, test = torch.from_numpy(~test_mask), torch.from_numpy(test_mask)
+    return Dataset(
+        name="digits",
+        classes=[str(d) for d in range(10)],
+        train_images=images[train], train_labels=labels[train],
+        test_images=images[test], test_labels=labels[test],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# IDX (MNIST, Fashion-MNIST)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as error:
+        raise DatasetError(f"cannot read IDX file {path.name}: {error}") from None
+    if len(data) < 4:
+        raise DatasetError(f"{path.name} is not an IDX file (too short)")
+    zero, dtype_code, ndim = data[0] << 8 | data[1], data[2], data[3]
+    if zero != 0 or dtype_code != 0x08:
+        raise DatasetError(f"{path.name} is not an unsigned-byte IDX file")
+    header_end = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", data[4:header_end])
+    expected = int(np.prod(shape))
+    if len(data) - header_end != expected:
+        raise DatasetError(f"{path.name} is truncated: expected {expected} bytes of data, found {len(data) - header_end}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header_end).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate_dir in (folder, folder / "raw", folder / "MNIST" / "raw", folder / "FashionMNIST" / "raw"):
+        for name in (f"{stem}.gz", stem, stem.replace("-idx", ".idx")):
+            path = candidate_dir / name
+            if path.is_file():
+                return path
+    return None
+
+
+def load_idx_dataset(name: str, folder: Path, classes: list[str]) -> Dataset:
+    parts = {}
+    for key, stem in (
+        ("train_images", "train-images-idx3-ubyte"), ("train_labels", "train-labels-idx1-ubyte"),
+        ("test_images", "t10k-images-idx3-ubyte"), ("test_labels", "t10k-labels-idx1-ubyte"),
+    ):
+        path = _find_idx(folder, stem)
+        if path is None:
+            raise DatasetError(f"{name}: {stem}[.gz] not found in {str(folder)!r}")
+        parts[key] = read_idx(path)
+    for split in ("train", "test"):
+        if parts[f"{split}_images"].shape[0] != parts[f"{split}_labels"].shape[0]:
+            raise DatasetError(f"{name}: {split} images and labels differ in count")
+    return Dataset(
+        name=name,
+        classes=classes,
+        train_images=torch.from_numpy(parts["train_images"].copy()).unsqueeze(1),
+        train_labels=torch.from_numpy(parts["train_labels"].astype(np.int64)),
+        test_images=torch.from_numpy(parts["test_images"].copy()).unsqueeze(1),
+        test_labels=torch.from_numpy(parts["test_labels"].astype(np.int64)),
+    )
+
+
+@register_dataset("fashion-mnist")
+def load_fashion_mnist(options: LoadOptions) -> Dataset:
+    if options.data_dir:
+        folder = Path(options.data_dir)
+    elif DEBIAN_FASHION_MNIST.is_dir():
+        folder = DEBIAN_FASHION_MNIST
+    else:
+        raise DatasetError(
+            "fashion-mnist not found: install Debian's dataset-fashion-mnist (apt-get install "
+            "dataset-fashion-mnist) or give --data-dir with the four IDX files"
+        )
+    if options.download:
+        _torchvision_download("FashionMNIST", folder)
+    return load_idx_dataset("fashion-mnist", folder, FASHION_MNIST_CLASSES)
+
+
+@register_dataset("mnist")
+def load_mnist(options: LoadOptions) -> Dataset:
+    folder = _require_dir(options, "mnist")
+    if options.download:
+        _torchvision_download("MNIST", folder)
+    return load_idx_dataset("mnist", folder, [str(d) for d in range(10)])
+
+
+def _torchvision_download(class_name: str, root: Path, **kwargs) -> None:
+    """Fetch a dataset with torchvision into `root` (needs internet; only with --download)."""
+    import torchvision.datasets
+
+    root.mkdir(parents=True, exist_ok=True)
+    dataset_class = getattr(torchvision.datasets, class_name)
+    try:
+        for split_kwargs in ({"train": True}, {"train": False}) if not kwargs else (kwargs,):
+            dataset_class(str(root), download=True, **split_kwargs)
+    except Exception as error:  # network errors come in many types; all mean the same to the user
+        raise DatasetError(f"--download of {class_name} failed: {error}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10: the official python pickle batches (cifar-10-batches-py)
+
+
+CIFAR10_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return pickle.load(handle, encoding="bytes")
+    except (OSError, pickle.UnpicklingError, EOFError) as error:
+        raise DatasetError(f"cannot read CIFAR batch {path.name}: {error}") from None
+
+
+def _cifar_arrays(batch: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    data, labels = batch.get(b"data"), batch.get(b"labels")
+    if data is None or labels is None:
+        raise DatasetError(f"{path.name} lacks the 'data' or 'labels' entry of a CIFAR-10 batch")
+    data = np.asarray(data, dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != len(labels):
+        raise DatasetError(f"{path.name} does not hold N x 3072 images with N labels")
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
+@register_dataset("cifar10")
+def load_cifar10(options: LoadOptions) -> Dataset:
+    root = _require_dir(options, "cifar10")
+    if options.download and not (root / "cifar-10-batches-py").is_dir():
+        import torchvision.datasets
+
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            torchvision.datasets.CIFAR10(str(root), download=True)
+        except Exception as error:
+            raise DatasetError(f"--download of CIFAR-10 failed: {error}") from None
+    folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    missing = [n for n in CIFAR10_TRAIN_BATCHES + ["test_batch"] if not (folder / n).is_file()]
+    if missing:
+        raise DatasetError(f"cifar10: {', '.join(missing)} not found in {str(folder)!r} (expected cifar-10-batches-py)")
+    train = [_cifar_arrays(_unpickle(folder / n), folder / n) for n in CIFAR10_TRAIN_BATCHES]
+    test_images, test_labels = _cifar_arrays(_unpickle(folder / "test_batch"), folder / "test_batch")
+    classes = [f"class_{i}" for i in range(10)]
+    if (folder / "batches.meta").is_file():
+        meta = _unpickle(folder / "batches.meta")
+        names = meta.get(b"label_names")
+        if names and len(names) == 10:
+            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    return Dataset(
+        name="cifar10",
+        classes=classes,
+        train_images=torch.from_numpy(np.concatenate([images for images, _ in train])),
+        train_labels=torch.from_numpy(np.concatenate([labels for _, labels in train])),
+        test_images=torch.from_numpy(test_images),
+        test_labels=torch.from_numpy(test_labels),
+        flip_augment=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# SVHN: the official cropped-digit .mat files (train_32x32.mat, test_32x32.mat)
+
+
+def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(str(path))
+    except Exception as error:  # scipy raises several types for a damaged file
+        raise DatasetError(f"cannot read SVHN file {path.name}: {error}") from None
+    if "X" not in mat or "y" not in mat:
+        raise DatasetError(f"{path.name} lacks the 'X' or 'y' array of an SVHN file")
+    images = np.ascontiguousarray(np.transpose(mat["X"], (3, 2, 0, 1))).astype(np.uint8)  # (N, 3, 32, 32)
+    labels = mat["y"].astype(np.int64).reshape(-1)
+    labels[labels == 10] = 0  # SVHN writes the digit 0 as class 10
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetError(f"{path.name}: images and labels differ in count")
+    return images, labels
+
+
+@register_dataset("svhn")
+def load_svhn(options: LoadOptions) -> Dataset:
+    root = _require_dir(options, "svhn")
+    if options.download:
+        for split in ("train", "test"):
+            if not (root / f"{split}_32x32.mat").is_file():
+                _torchvision_download("SVHN", root, split=split)
+    paths = {split: root / f"{split}_32x32.mat" for split in ("train", "test")}
+    for split, path in paths.items():
+        if not path.is_file():
+            raise DatasetError(f"svhn: {path.name} not found in {str(root)!r}")
+    train_images, train_labels = _read_svhn_mat(paths["train"])
+    test_images, test_labels = _read_svhn_mat(paths["test"])
+    return Dataset(
+        name="svhn",
+        classes=[str(d) for d in range(10)],
+        train_images=torch.from_numpy(train_images), train_labels=torch.from_numpy(train_labels),
+        test_images=torch.from_numpy(test_images), test_labels=torch.from_numpy(test_labels),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# imagefolder: a class-per-folder tree (labeled), or a flat folder of unlabeled images + --classes
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """Decode one image file to (3, size, size) uint8; damaged or oversized files raise DatasetError."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                array = np.asarray(image, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DatasetError(f"image {path.name} is too large to decode safely (decompression-bomb limit)") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DatasetError(f"image {path.name} cannot be read: {error}") from None
+    return array.transpose(2, 0, 1)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _read_class_tree(folder: Path, size: int, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    images, labels, names = [], [], []
+    for label, class_name in enumerate(classes):
+        class_dir = folder / class_name
+        if not class_dir.is_dir():
+            continue
+        for path in _image_files(class_dir):
+            images.append(read_image(path, size))
+            labels.append(label)
+            names.append(str(path.relative_to(folder)))
+    if not images:
+        raise DatasetError(f"no images found under {str(folder)!r}")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), names
+
+
+@register_dataset("imagefolder")
+def load_image_folder(options: LoadOptions) -> Dataset:
+    root = _require_dir(options, "imagefolder")
+    size = options.image_size
+    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if set(subdirs) >= {"train", "test"}:
+        # A labeled tree with its own held-out split: train/<class>/*.png and test/<class>/*.png.
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        train_images, train_labels, names = _read_class_tree(root / "train", size, classes)
+        test_images, test_labels, _ = _read_class_tree(root / "test", size, classes)
+        return Dataset(
+            name="imagefolder", classes=classes,
+            train_images=torch.from_numpy(train_images), train_labels=torch.from_numpy(train_labels),
+            test_images=torch.from_numpy(test_images), test_labels=torch.from_numpy(test_labels),
+            file_names=[f"train/{n}" for n in names], flip_augment=True,
+        )
+    if subdirs and not options.classes:
+        # A labeled class-per-folder tree: the whole tree is the pool, with no held-out split.
+        images, labels, names = _read_class_tree(root, size, subdirs)
+        return Dataset(
+            name="imagefolder", classes=subdirs,
+            train_images=torch.from_numpy(images), train_labels=torch.from_numpy(labels),
+            file_names=names, flip_augment=True,
+        )
+    # A flat folder of unlabeled images: real annotation work, the classes come from --classes.
+    if not options.classes:
+        raise DatasetError("a flat folder of unlabeled images needs --classes a,b,c")
+    if len(set(options.classes)) != len(options.classes) or len(options.classes) < 2:
+        raise DatasetError("--classes needs at least two distinct names")
+    files = _image_files(root)
+    if not files:
+        raise DatasetError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(root)!r}")
+    images = np.stack([read_image(path, size) for path in files])
+    return Dataset(
+        name="imagefolder", classes=list(options.classes),
+        train_images=torch.from_numpy(images),
+        train_labels=torch.full((len(files),), -1, dtype=torch.int64),
+        file_names=[p.name for p in files], flip_augment=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Pool bookkeeping
+
+
+class Pool:
+    """Which pool items are labeled, with what answer, and in which round the answer came.
+
+    Labels here are the oracle's answers (possibly noisy), not the ground truth.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.labels = np.full(size, -1, dtype=np.int64)  # (N,) oracle answer, -1 = unlabeled
+        self.label_round = np.full(size, -1, dtype=np.int64)  # (N,) round whose query gave the answer
+
+    @property
+    def labeled_mask(self) -> np.ndarray:
+        return self.labels >= 0
+
+    @property
+    def labeled_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.labels >= 0)
+
+    @property
+    def unlabeled_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.labels < 0)
+
+    @property
+    def num_labeled(self) -> int:
+        return int((self.labels >= 0).sum())
+
+    def add_labels(self, indices, labels, round_index: int) -> None:
+        """Record answers; refuses duplicates, out-of-range indices and already-labeled items."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if indices.shape != labels.shape:
+            raise ValueError("indices and labels differ in length")
+        if len(np.unique(indices)) != len(indices):
+            raise ValueError("duplicate indices in one batch of answers")
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.size):
+            raise ValueError("pool index out of range")
+        if (self.labels[indices] >= 0).any():
+            raise ValueError("an item in the batch is already labeled")
+        if (labels < 0).any():
+            raise ValueError("labels must be non-negative class indices")
+        self.labels[indices] = labels
+        self.label_round[indices] = round_index
+
+    def initial_indices(self, count: int, seed: int) -> np.ndarray:
+        """A seeded random initial labeled set of `count` items."""
+        if count > self.size:
+            raise ConfigError(f"--initial {count} is larger than the pool ({self.size} items)")
+        if count < 0:
+            raise ConfigError("--initial cannot be negative")
+        rng = np.random.default_rng(seed)
+        return np.sort(rng.choice(self.size, size=count, replace=False))
+
+    def to_dict(self) -> dict:
+        labeled = self.labeled_indices
+        return {
+            "size": self.size,
+            "indices": labeled.tolist(),
+            "labels": self.labels[labeled].tolist(),
+            "rounds": self.label_round[labeled].tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "Pool":
+        pool = cls(int(state["size"]))
+        indices = np.asarray(state["indices"], dtype=np.int64)
+        pool.labels[indices] = np.asarray(state["labels"], dtype=np.int64)
+        pool.label_round[indices] = np.asarray(state["rounds"], dtype=np.int64)
+        return pool
+
+
+def default_data_root() -> Path:
+    """Where --download puts data when no --data-dir is given."""
+    return Path(os.environ.get("AL_DATA_DIR", "data"))

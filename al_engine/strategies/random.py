@@ -1,0 +1,14 @@
+"""The baseline every strategy must beat: a uniformly random batch."""
+import numpy as np
+
+from . import register_strategy
+from .base import QueryState, Strategy
+
+
+@register_strategy
+class RandomSampling(Strategy):
+    name = "random"
+    help = "uniformly random unlabeled items (the baseline)"
+
+    def score(self, state: QueryState) -> np.ndarray:
+        return state.rng.random(len(state.unlabeled_indices))
