@@ -250,6 +250,10 @@ def run_simulation(config: RunConfig, oracle_factory: Callable[[Dataset, RunConf
         if _comparable(previous) != _comparable(asdict(config)):
             raise ConfigError(f"{files.out} holds a run with other settings; choose another --out")
         start_round = int(saved["completed_rounds"])
+        if not saved.get("queried", True) and start_round <= config.rounds:
+            # The last finished round was the final one of a shorter run and queried nothing:
+            # redo it (training is seeded per round, so it replays exactly) and query this time.
+            start_round -= 1
         engine.pool = Pool.from_dict(saved["pool"])
         engine.strategy.load_state_dict(saved.get("strategy", {}))
         if config.warm_start and (files.out / "model.pt").exists():
@@ -285,6 +289,7 @@ def run_simulation(config: RunConfig, oracle_factory: Callable[[Dataset, RunConf
             torch.save(engine.model.state_dict(), files.out / "model.pt")
         _atomic_write(files.state, json.dumps({
             "completed_rounds": round_index + 1,
+            "queried": not last,  # False: a longer run resuming here must still query this round
             "pool": engine.pool.to_dict(),
             "strategy": engine.strategy.state_dict(),
         }))

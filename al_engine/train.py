@@ -213,3 +213,114 @@ def evaluate_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, 
 
 def config_dict(config: TrainConfig) -> dict:
     return asdict(config)
+
+
+# --------------------------------------------------------------------------------------------
+# Student distillation (the seed's lookahead strategy, and RND's predictor)
+
+
+@dataclass
+class DistillConfig:
+    """How a student learns to reproduce a frozen teacher's penultimate features."""
+
+    loss: str = "l2"  # "l2": per-example squared distance; "mean": squared distance of the batch means
+    lr: float = 1e-3  # Adam step size
+    batch_size: int = 64  # images per step
+    max_epochs: int = 40  # cap on passes over the distillation set
+    min_epochs: int = 5  # never stop before this many passes
+    patience: int = 4  # epochs without a relative improvement of `min_delta` before stopping
+    min_delta: float = 0.01  # relative improvement of the epoch's mean loss that counts
+    fixed_epochs: bool = False  # True: always run max_epochs; False: stop when the loss saturates
+
+    def validate(self) -> None:
+        if self.loss not in ("l2", "mean"):
+            raise ConfigError(f"unknown distillation loss {self.loss!r}; choose from: l2, mean")
+        if self.lr <= 0 or self.batch_size < 2 or self.max_epochs < 1:
+            raise ConfigError("distillation lr must be positive, batch size at least 2 and epochs at least 1")
+
+
+def distillation_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, D), (B, D) -> scalar: mean over the batch of ||s - t||^2, or ||mean(s) - mean(t)||^2."""
+    if kind == "mean":
+        return (student_features.mean(0) - teacher_features.mean(0)).pow(2).sum()
+    return (student_features - teacher_features).pow(2).sum(1).mean()
+
+
+def distill_student(student: nn.Module, teacher: nn.Module, dataset: Dataset, indices: np.ndarray,
+                    config: DistillConfig, device: torch.device, seed: int = 0,
+                    teacher_features: torch.Tensor | None = None,
+                    on_epoch_end: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train `student.embed` in place so that it matches the frozen `teacher.embed` on pool `indices`.
+
+    The student runs in eval mode (batch norm uses running statistics, as when it is scored), so
+    what it learns here is the function the lookahead later perturbs. `teacher_features` (N, D)
+    may be given to skip recomputing them.
+    """
+    config.validate()
+    start = time.perf_counter()
+    student.to(device).eval()
+    images = dataset.normalize(dataset.train_images[torch.as_tensor(indices, dtype=torch.long)]).to(device)
+    if teacher_features is None:
+        teacher_features = embed_pool(teacher, dataset, indices, device)
+    targets = teacher_features.detach().to(device).clone()  # (N, D) what the student must reproduce
+    if len(targets) == 0:
+        return TrainResult(0, math.nan, 0.0)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
+    losses: list[float] = []
+    best, stale = math.inf, 0
+    for epoch in range(config.max_epochs):
+        total, seen = 0.0, 0
+        for batch in _epoch_batches(len(targets), config.batch_size, generator):
+            batch = batch.to(device)
+            loss = distillation_loss(student.embed(images[batch]), targets[batch], config.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch)
+            seen += len(batch)
+        epoch_loss = total / seen
+        losses.append(epoch_loss)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, epoch_loss)
+        if config.fixed_epochs:
+            continue
+        if epoch_loss < best * (1 - config.min_delta):
+            best, stale = epoch_loss, 0
+        else:
+            stale += 1
+        if epoch + 1 >= config.min_epochs and stale >= config.patience:
+            break
+    student.eval()
+    return TrainResult(len(losses), losses[-1], time.perf_counter() - start, losses)
+
+
+@torch.inference_mode()
+def feature_distance(student: nn.Module, teacher: nn.Module, dataset: Dataset, indices: np.ndarray,
+                     device: torch.device, batch_size: int = 1024) -> float:
+    """Mean over pool `indices` of ||student.embed(x) - teacher.embed(x)||^2 (how well a student distils)."""
+    total, count = 0.0, 0
+    student.to(device).eval()
+    teacher.to(device).eval()
+    for batch in image_batches(dataset, indices, batch_size, device):
+        total += float((student.embed(batch) - teacher.embed(batch)).pow(2).sum())
+        count += len(batch)
+    return total / max(count, 1)
+
+
+def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
+    """A network of the same architecture as `model`, re-initialised from `seed` (eval mode)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    for module in clone.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        if hasattr(module, "reset_running_stats"):
+            module.reset_running_stats()
+    torch.random.set_rng_state(generator_state)
+    for parameter in clone.parameters():
+        parameter.requires_grad_(True)
+    return clone.eval()
