@@ -1,0 +1,180 @@
+"""The JSON API: status, tasks (leases), answers, images, learning curve and export.
+
+Errors are JSON `{"error", "status"}` with a 4xx code: 400 bad input, 401 not signed in,
+403 not allowed, 404 unknown item, 409 the item's round is closed.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, Response, abort, jsonify, request, stream_with_context, url_for
+
+from . import annotator_state, get_db
+from .auth import current_user, require_user
+from .db import SKIP, Conflict, NotFound
+from .export import MEDIA_TYPES, STREAM_FORMATS, export_lines
+from .images import item_png
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+MAX_TASKS = 50  # items one request may lease at once (grid mode)
+
+
+def status_payload() -> dict:
+    state = annotator_state()
+    db = get_db()
+    progress = db.batch_progress()
+    labeled = db.labeled_count()
+    engine = state.status.snapshot()
+    return {
+        "round": progress["round"], "labeled": labeled, "unlabeled": state.driver.engine.pool.size - labeled,
+        "batch_size": progress["batch_size"], "batch_remaining": progress["batch_remaining"],
+        "engine": engine["state"], "engine_progress": engine["progress"], "engine_detail": engine["detail"],
+        "round_state": progress["state"], "finished": db.is_finished(),
+    }
+
+
+def task_payload(item_id: int) -> dict:
+    return {"item_id": item_id, "image_url": url_for("api.item_image", item_id=item_id)}
+
+
+@bp.get("/status")
+@require_user()
+def status():
+    return jsonify(status_payload())
+
+
+@bp.get("/tasks/next")
+@require_user()
+def next_task():
+    items = get_db().lease_tasks(current_user().id, 1)
+    if not items:
+        return Response(status=204)
+    return jsonify(task_payload(items[0]))
+
+
+@bp.get("/tasks")
+@require_user()
+def tasks():
+    """Up to `count` items leased to this annotator: the page shows the first and preloads the rest."""
+    count = request.args.get("count", "1")
+    if not count.isdigit() or not 1 <= int(count) <= MAX_TASKS:
+        abort(400, f"count must be an integer from 1 to {MAX_TASKS}")
+    items = get_db().lease_tasks(current_user().id, int(count))
+    return jsonify(tasks=[task_payload(item) for item in items], status=status_payload())
+
+
+def parse_label(body: dict) -> int:
+    """A class index or class name from the body; `"skip": true` records a skip."""
+    classes = annotator_state().classes
+    if body.get("skip") is True:
+        return SKIP
+    label = body.get("label")
+    if isinstance(label, bool) or label is None:
+        abort(400, f"'label' must be a class index 0..{len(classes) - 1} or a class name")
+    if isinstance(label, str):
+        if label not in classes:
+            abort(400, f"unknown class {label!r}; classes: {', '.join(classes)}")
+        return classes.index(label)
+    if not isinstance(label, int) or not 0 <= label < len(classes):
+        abort(400, f"'label' must be a class index 0..{len(classes) - 1} or a class name")
+    return label
+
+
+def parse_item_id(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        abort(400, "'item_id' must be a non-negative integer")
+    return value
+
+
+def json_body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        abort(400, "send a JSON object (Content-Type: application/json)")
+    return body
+
+
+def parse_time_taken(body: dict) -> int | None:
+    taken = body.get("time_taken_ms")
+    if taken is None:
+        return None
+    if isinstance(taken, bool) or not isinstance(taken, (int, float)) or not 0 <= taken < 1e9:
+        abort(400, "'time_taken_ms' must be a non-negative number of milliseconds")
+    return int(taken)
+
+
+def record(item_id: int, label: int, time_taken_ms: int | None) -> str:
+    try:
+        return get_db().record_answer(current_user().id, item_id, label, time_taken_ms)
+    except NotFound as error:
+        abort(404, str(error))
+    except Conflict as error:
+        abort(409, str(error))
+
+
+@bp.post("/annotations")
+@require_user()
+def annotate():
+    """201 for a new, repeated (idempotent) or replaced answer; committed before the response."""
+    body = json_body()
+    item_id, label = parse_item_id(body.get("item_id")), parse_label(body)
+    outcome = record(item_id, label, parse_time_taken(body))
+    annotator_state().notify_engine()
+    return jsonify(item_id=item_id, label=label, outcome=outcome), 201
+
+
+@bp.post("/annotations/bulk")
+@require_user()
+def annotate_many():
+    """Grid mode: one label for many items, each answer in its own transaction (an unknown or
+    closed item stops the request; the answers before it stay recorded, and repeating is harmless)."""
+    body = json_body()
+    item_ids = body.get("item_ids")
+    if not isinstance(item_ids, list) or not 1 <= len(item_ids) <= MAX_TASKS:
+        abort(400, f"'item_ids' must be a list of 1 to {MAX_TASKS} item ids")
+    item_ids = [parse_item_id(item) for item in item_ids]
+    label = parse_label(body)
+    outcomes = [record(item_id, label, None) for item_id in dict.fromkeys(item_ids)]
+    annotator_state().notify_engine()
+    return jsonify(item_ids=list(dict.fromkeys(item_ids)), label=label, outcomes=outcomes), 201
+
+
+@bp.delete("/annotations/<int:item_id>")
+@require_user()
+def undo(item_id: int):
+    """Undo: withdraw my answer to an item of the open batch; the item is leased back to me."""
+    try:
+        get_db().undo_answer(current_user().id, item_id)
+    except NotFound as error:
+        abort(404, str(error))
+    except Conflict as error:
+        abort(409, str(error))
+    return jsonify(task_payload(item_id))
+
+
+@bp.get("/items/<int:item_id>/image.png")
+@require_user()
+def item_image(item_id: int):
+    state = annotator_state()
+    if item_id >= state.dataset.train_images.shape[0] or not get_db().item_in_batches(item_id):
+        abort(404, f"item {item_id} is in no batch")
+    response = Response(item_png(state.image_cache, state.dataset.train_images, item_id), mimetype="image/png")
+    response.headers["Cache-Control"] = "private, max-age=86400"
+    return response
+
+
+@bp.get("/rounds")
+@require_user()
+def rounds():
+    return jsonify(rounds=[{k: r[k] for k in ("round", "state", "strategy", "batch_size", "labeled", "accuracy",
+                                              "train_s", "query_s", "epochs")} for r in get_db().rounds()])
+
+
+@bp.get("/export")
+@require_user(admin=True)
+def export():
+    fmt = request.args.get("format", "csv")
+    if fmt not in STREAM_FORMATS:
+        abort(400, f"unknown export format {fmt!r}; choose from: {', '.join(STREAM_FORMATS)}")
+    lines = export_lines(annotator_state().database, fmt)
+    response = Response(stream_with_context(lines), mimetype=MEDIA_TYPES[fmt])
+    response.headers["Content-Disposition"] = f'attachment; filename="annotations.{fmt}"'
+    return response

@@ -1,0 +1,115 @@
+"""The annotator's commands: `python app.py` (serve), `app.py export`, `app.py users`."""
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from al_engine.data import load_dataset
+from al_engine.errors import DatasetError, UserError
+from al_engine.loop import RunConfig
+
+from .db import AnnotationDB
+from .export import write_imagefolder, write_stream_export
+
+
+def sign_in_url(host: str, port: int, token: str) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"  # an IPv6 literal
+    return f"http://{shown}:{port}/?token={token}"
+
+
+def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: str | None = None,
+          db_path: str = "annotations.db") -> int:
+    """Start the annotator with the engine in a background worker; runs until interrupted."""
+    from werkzeug.serving import make_server
+
+    from . import create_app
+
+    if token is not None and not token.strip():
+        raise UserError("--token must not be empty")
+    if not 0 < port < 65536:
+        raise UserError(f"--port must lie in 1..65535, got {port}")
+    token = token or secrets.token_urlsafe(24)
+    started = time.perf_counter()
+    dataset = load_dataset(config.dataset, config.load_options())
+    app = create_app({"DATABASE": db_path, "RUN_CONFIG": config, "DATASET": dataset, "ADMIN_TOKEN": token,
+                      "START_ENGINE": True})
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    try:
+        server = make_server(host, port, app, threaded=True)
+    except (OSError, SystemExit) as error:  # werkzeug exits when the port is taken
+        app.extensions["annotator"].worker.stop()
+        raise UserError(f"cannot listen on {host}:{port}: {error}; choose another --port") from None
+    print(f"annotator: {dataset.name}, {dataset.train_images.shape[0]} items, {len(dataset.classes)} classes, "
+          f"strategy {config.strategy}, database {db_path} (ready in {time.perf_counter() - started:.1f} s)")
+    print(f"annotator: sign in at {sign_in_url(host, port, token)}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        app.extensions["annotator"].worker.stop()
+    return 0
+
+
+def _existing_db(path: str) -> str:
+    if not Path(path).is_file():
+        raise UserError(f"no annotator database at {path!r} (start the server first, or give --db)")
+    return path
+
+
+def export_command(args) -> int:
+    """`app.py export --format csv|jsonl|imagefolder --out PATH [--db DB]`."""
+    db_path = _existing_db(args.db)
+    out = Path(args.out)
+    if args.format in ("csv", "jsonl"):
+        if out.is_dir():
+            raise UserError(f"{args.out!r} is a folder; --format {args.format} writes a file")
+        count = write_stream_export(db_path, args.format, out)
+        print(f"exported {count} answers to {out}")
+        return 0
+    if args.format != "imagefolder":
+        raise UserError(f"unknown export format {args.format!r}; choose from: csv, jsonl, imagefolder")
+    db = AnnotationDB(db_path)
+    settings = db.run_settings() or {}
+    db.close()
+    dataset = None
+    if settings:
+        run = RunConfig(dataset=settings["dataset"], data_dir=settings.get("data_dir"), subset=settings.get("subset"),
+                        classes=settings.get("class_option"), image_size=settings.get("image_size", 32),
+                        seed=settings.get("seed", 0))
+        try:
+            dataset = load_dataset(run.dataset, run.load_options())
+        except DatasetError as error:
+            print(f"export: the dataset cannot be loaded ({error}); copying original files only", file=sys.stderr)
+    count = write_imagefolder(db_path, out, dataset=dataset, data_dir=settings.get("data_dir"))
+    print(f"exported {count} labeled images to {out}/<class>/")
+    return 0
+
+
+def users_command(args) -> int:
+    """`app.py users add NAME [--role annotator|admin]` and `app.py users list`."""
+    if args.action == "list":
+        db = AnnotationDB(_existing_db(args.db))
+        try:
+            users = db.list_users()
+        finally:
+            db.close()
+        width = max([len(u["name"]) for u in users] + [4])
+        print(f"{'name':<{width}}  {'role':<9}  answers")
+        for user in users:
+            print(f"{user['name']:<{width}}  {user['role']:<9}  {user['answers']}")
+        return 0
+    db = AnnotationDB(args.db)
+    try:
+        token = db.add_user(args.name, args.role)
+    finally:
+        db.close()
+    print(f"added {args.role} {args.name!r}; their token (shown once): {token}")
+    print(f"sign-in link: http://127.0.0.1:5000/?token={token}  (use the server's host and port)")
+    return 0

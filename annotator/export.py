@@ -1,0 +1,114 @@
+"""Export of the answers: CSV and JSONL streamed row by row, and an image-folder tree.
+
+The web view streams straight from a database cursor; the CLI writes to a temporary file next to
+the target and renames it into place, so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from al_engine.errors import UserError
+
+from .db import AnnotationDB
+from .images import image_to_png
+
+FORMATS = ("csv", "jsonl", "imagefolder")
+STREAM_FORMATS = ("csv", "jsonl")
+MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson; charset=utf-8"}
+
+
+def _csv_line(values) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    return buffer.getvalue()
+
+
+def export_lines(db_path: str, fmt: str, chunk: int = 1000) -> Iterator[str]:
+    """Lines of a CSV or JSONL export, read through a connection of its own (the stream outlives
+    the request that started it)."""
+    if fmt not in STREAM_FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose from: {', '.join(STREAM_FORMATS)}")
+    db = AnnotationDB(db_path, setup=False)
+    try:
+        classes = (db.run_settings() or {}).get("classes", [])
+        if fmt == "csv":
+            yield _csv_line(AnnotationDB.EXPORT_FIELDS)
+        for row in db.iter_export(classes, chunk=chunk):
+            if fmt == "csv":
+                yield _csv_line(["" if row[k] is None else row[k] for k in AnnotationDB.EXPORT_FIELDS])
+            else:
+                yield json.dumps(row) + "\n"
+    finally:
+        db.close()
+
+
+def write_stream_export(db_path: str, fmt: str, out: Path) -> int:
+    """Write CSV/JSONL atomically (temporary file, fsync, rename); returns the number of answers."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    count = -1 if fmt == "csv" else 0
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            for line in export_lines(db_path, fmt):
+                handle.write(line)
+                count += 1
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, out)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def _safe_folder_name(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_. " else "_" for c in name).strip(" .")
+    return cleaned or "class"
+
+
+def write_imagefolder(db_path: str, out: Path, dataset=None, data_dir: str | None = None) -> int:
+    """One folder per class holding each labeled item once (its latest answer). Original files are
+    copied when the dataset came from an image folder, otherwise PNGs are encoded from the pool.
+    Built in a temporary folder and renamed into place; refuses to overwrite a non-empty folder."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{str(out)!r} exists and is not an empty folder; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    db = AnnotationDB(db_path, setup=False)
+    count = 0
+    try:
+        classes = (db.run_settings() or {}).get("classes", [])
+        folders = {}
+        for index, name in enumerate(classes):
+            folder = _safe_folder_name(name)
+            while folder in folders.values():
+                folder += "_"
+            folders[index] = folder
+            (tmp / folder).mkdir()
+        for row in db.iter_export(classes, latest_only=True):
+            target_dir = tmp / folders[row["label_index"]]
+            file_name = row["file_name"]
+            if file_name and data_dir and (Path(data_dir) / file_name).is_file():
+                source = Path(data_dir) / file_name
+                shutil.copyfile(source, target_dir / f"{row['item']}_{_safe_folder_name(source.name)}")
+            elif dataset is not None:
+                (target_dir / f"{row['item']}.png").write_bytes(image_to_png(dataset.train_images[row["item"]], 0))
+            else:
+                raise UserError("the images are not available: the run's dataset could not be loaded")
+            count += 1
+        db.close()
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        db.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return count
