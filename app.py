@@ -159,7 +159,9 @@ def command_bench(argv: list[str]) -> int:
     add_data_arguments(parser)
     add_engine_arguments(parser)
     add_bench_arguments(parser)
-    return run_bench_from_args(parser.parse_args(argv))
+    from oracle.simulated import SimulatedOracle
+
+    return run_bench_from_args(parser.parse_args(argv), SimulatedOracle.for_run)
 
 
 def command_export(argv: list[str]) -> int:

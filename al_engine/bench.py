@@ -1,0 +1,326 @@
+"""`app.py bench`: every (strategy, seed) run of a grid under one folder, resumable, then the report.
+
+    OUT/bench.json                    the grid and the wall time of every invocation
+    OUT/<strategy>/seed-<s>/          one run's files (config.json, metrics.jsonl, ...)
+    OUT/summary.json, summary.md      AULC and final accuracy per strategy, paired test vs random
+    OUT/curves.png, query_time.png    learning curves with ±1 std bands; query seconds per round
+
+A strategy may carry options, written `name:key=value:key=value` (e.g. `lookahead:mode=last-layer`),
+so one bench can hold the same strategy twice. Finished runs are skipped and a half-finished run
+resumes where its state.json says, so killing a bench and starting it again loses at most one round.
+
+The oracle factory is a parameter: the engine does not import the oracle package (app.py passes
+`oracle.simulated.SimulatedOracle.for_run`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .data import Dataset, LoadOptions, load_dataset, take_subset
+from .errors import ConfigError
+from .loop import RunConfig, RunFiles, _comparable, read_jsonl, run_simulation
+from .presets import get_preset, preset_names
+from .report import BASELINE, RunCurve, write_report
+from .strategies import get_strategy
+
+DEFAULT_SEEDS = [0, 1, 2, 3, 4]  # 3 seeds can make a strategy look better or worse than random by chance
+# Settings a preset may fill in; the command line's own defaults apply when neither says anything.
+PRESET_KEYS = ("dataset", "model", "initial", "query_size", "rounds", "train_preset", "epochs", "subset",
+               "strategies", "seeds")
+_SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One column of the grid: a registered strategy and its options (as given, strings)."""
+
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> "StrategySpec":
+        """'name' or 'name:key=value:key=value'."""
+        name, *parts = [part.strip() for part in text.strip().split(":")]
+        if not name:
+            raise ConfigError(f"strategy {text!r} has no name; write name or name:key=value")
+        options = {}
+        for part in parts:
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"strategy {text!r}: expected key=value after ':', got {part!r}")
+            if key.strip() in options:
+                raise ConfigError(f"strategy {text!r} sets option {key.strip()!r} twice")
+            options[key.strip()] = value.strip()
+        return cls(name, tuple(sorted(options.items())))
+
+    @property
+    def label(self) -> str:
+        """The name the report uses; options in sorted order, so equal set-ups have equal labels."""
+        return self.name + "".join(f":{key}={value}" for key, value in self.options)
+
+    @property
+    def folder(self) -> str:
+        """A file-system-safe folder name, distinct for distinct labels."""
+        plain = self.label.replace(":", "+")
+        safe = _SAFE.sub("_", plain)
+        if safe != plain or "+" in self.name or any("+" in f"{k}{v}" for k, v in self.options):
+            safe += "-" + hashlib.sha1(self.label.encode()).hexdigest()[:6]
+        return safe
+
+    def check(self) -> None:
+        """Fail now, not hours into the bench, on an unknown name or a bad option."""
+        get_strategy(self.name, **dict(self.options))
+
+
+@dataclass
+class BenchConfig:
+    """A grid of runs: `base` holds every run setting but strategy, seed and out."""
+
+    base: RunConfig
+    strategies: list[StrategySpec]
+    out: Path
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
+    preset: str | None = None
+    keep_going: bool = False  # a run that crashes is recorded and the bench goes on
+
+    def validate(self) -> None:
+        if not self.strategies:
+            raise ConfigError("bench needs --strategies (or a --preset that names them)")
+        labels = [spec.label for spec in self.strategies]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ConfigError(f"strategy listed twice: {', '.join(duplicates)}")
+        if not self.seeds:
+            raise ConfigError("bench needs at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"--seeds lists a seed twice: {self.seeds}")
+        for spec in self.strategies:
+            spec.check()
+        self.base.validate()
+
+    def run_config(self, spec: StrategySpec, seed: int) -> RunConfig:
+        return dataclasses.replace(self.base, strategy=spec.name, strategy_options=dict(spec.options), seed=seed,
+                                   out=str(self.run_dir(spec, seed)))
+
+    def run_dir(self, spec: StrategySpec, seed: int) -> Path:
+        return Path(self.out) / spec.folder / f"seed-{seed}"
+
+
+@dataclass
+class BenchResult:
+    summary: dict
+    finished: int  # runs complete after this call
+    skipped: int  # runs that were already complete before it
+    failures: list[dict]
+    wall_s: float
+
+
+OracleFactory = Callable[[Dataset, RunConfig], object]
+
+
+def is_finished(config: RunConfig) -> bool:
+    """True when the run folder holds every round; raises if it holds a run with other settings."""
+    files = RunFiles(config.out)
+    if files.finished_rounds() < config.rounds + 1:
+        return False
+    if files.config.exists():
+        previous = json.loads(files.config.read_text()).get("settings", {})
+        if _comparable(previous) != _comparable(dataclasses.asdict(config)):
+            raise ConfigError(f"{files.out} holds a run with other settings; choose another --out")
+    return True
+
+
+class _DatasetCache:
+    """Load the dataset once per bench; a --subset is drawn per seed exactly as a single run draws it."""
+
+    def __init__(self, base: RunConfig, dataset: Dataset | None):
+        self.base = base
+        self.full = dataset
+        self.by_seed: dict[int, Dataset] = {}
+
+    def for_seed(self, seed: int) -> Dataset:
+        if seed not in self.by_seed:
+            if self.full is None:
+                options = dataclasses.replace(self.base.load_options(), subset=None)
+                self.full = load_dataset(self.base.dataset, options)
+            subset = self.base.subset
+            self.by_seed[seed] = self.full if subset is None else take_subset(self.full, subset, seed)
+        return self.by_seed[seed]
+
+
+def run_bench(bench: BenchConfig, oracle_factory: OracleFactory, progress: bool = True,
+              dataset: Dataset | None = None) -> BenchResult:
+    """Run every (strategy, seed) pair not yet finished, then write the report into bench.out."""
+    from tqdm.auto import tqdm
+
+    bench.validate()
+    start = time.perf_counter()
+    out = Path(bench.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = [(spec, seed) for spec in bench.strategies for seed in bench.seeds]
+    finished_before = {(spec.label, seed) for spec, seed in grid if is_finished(bench.run_config(spec, seed))}
+    datasets = _DatasetCache(bench.base, dataset)
+    failures: list[dict] = []
+    bar = tqdm(total=len(grid), initial=len(finished_before), desc="bench", unit="run", disable=not progress)
+    for spec, seed in grid:
+        if (spec.label, seed) in finished_before:
+            continue
+        config = bench.run_config(spec, seed)
+        bar.set_postfix_str(f"{spec.label} seed {seed}")
+        try:
+            run_simulation(config, oracle_factory, progress=progress, dataset=datasets.for_seed(seed))
+        except ConfigError:
+            raise  # a setting that is wrong for one run is wrong for the grid
+        except Exception as error:  # a strategy's bug must not cost the other runs, when asked
+            if not bench.keep_going:
+                raise
+            failures.append({"strategy": spec.label, "seed": seed, "error": f"{type(error).__name__}: {error}"})
+            sys.stderr.write(f"bench: {spec.label} seed {seed} failed: {type(error).__name__}: {error}\n")
+        bar.update(1)
+    bar.close()
+    wall_s = time.perf_counter() - start
+    log = _update_bench_log(bench, wall_s, len(finished_before), failures)
+    summary, finished = write_bench_report(bench, log)
+    return BenchResult(summary, finished, len(finished_before), failures, wall_s)
+
+
+def _update_bench_log(bench: BenchConfig, wall_s: float, skipped: int, failures: list[dict]) -> dict:
+    """bench.json: the grid, and one record per invocation (wall time adds up over resumes)."""
+    path = Path(bench.out) / "bench.json"
+    log = json.loads(path.read_text()) if path.exists() else {"invocations": []}
+    settings = dataclasses.asdict(bench.base)
+    for key in ("strategy", "strategy_options", "seed", "out"):
+        settings.pop(key, None)
+    log.update({"strategies": [spec.label for spec in bench.strategies], "seeds": list(bench.seeds),
+                "preset": bench.preset, "settings": settings})
+    log["invocations"].append({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "wall_s": round(wall_s, 3), "runs_skipped": skipped, "failures": failures})
+    log["wall_s_total"] = round(sum(item["wall_s"] for item in log["invocations"]), 3)
+    path.write_text(json.dumps(log, indent=2) + "\n")
+    return log
+
+
+def collect_curves(bench: BenchConfig) -> list[RunCurve]:
+    """The learning curves of every finished run of the grid (unfinished ones are left out)."""
+    curves = []
+    for spec in bench.strategies:
+        for seed in bench.seeds:
+            config = bench.run_config(spec, seed)
+            if not is_finished(config):
+                continue
+            metrics = [row for row in read_jsonl(RunFiles(config.out).metrics) if row["round"] <= config.rounds]
+            curves.append(RunCurve.from_metrics(spec.label, seed, metrics))
+    return curves
+
+
+def write_bench_report(bench: BenchConfig, log: dict) -> tuple[dict, int]:
+    """Write summary.json, summary.md and the plots from the finished runs; returns (summary, runs)."""
+    base = bench.base
+    curves = collect_curves(bench)
+    order = [spec.label for spec in bench.strategies]
+    if BASELINE in order:  # the baseline first, so its colour is the same in every plot
+        order.remove(BASELINE)
+        order.insert(0, BASELINE)
+    grid_size = len(bench.strategies) * len(bench.seeds)
+    notes = [
+        f"dataset `{base.dataset}`" + (f" (subset {base.subset})" if base.subset else "") +
+        f", model `{base.model}`, training preset `{base.train_preset}`" +
+        (f" (epochs ≤ {base.epochs})" if base.epochs else ""),
+        f"{base.initial} initial labels, {base.rounds} rounds of {base.query_size}; seeds {bench.seeds}",
+        f"{len(curves)} of {grid_size} runs finished; bench wall time {log['wall_s_total']:.1f} s"
+        + (f" over {len(log['invocations'])} invocations" if len(log["invocations"]) > 1 else ""),
+    ]
+    if bench.preset:
+        notes.insert(0, f"preset `{bench.preset}`")
+    files = write_report(curves, bench.out, order=order, title="Benchmark summary", notes=notes)
+    summary = json.loads(files.summary_json.read_text())
+    return summary, len(curves)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _comma_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench's own flags; app.py has already added the data and engine flags."""
+    parser.add_argument("--strategies", type=_comma_list, default=None, metavar="A,B,C",
+                        help="strategies to compare; options as name:key=value (e.g. lookahead:mode=last-layer)")
+    parser.add_argument("--seeds", type=_seed_list, default=DEFAULT_SEEDS, metavar="0,1,2",
+                        help="seeds, paired across strategies (default: 0,1,2,3,4)")
+    parser.add_argument("--out", required=True, help="folder of the bench (resumed when it exists)")
+    parser.add_argument("--preset", metavar="NAME",
+                        help=f"a published set-up: {', '.join(preset_names())}; explicit flags override it")
+    parser.add_argument("--oracle-noise", type=float, default=0.0,
+                        help="probability that the simulated oracle answers a wrong class")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="record a run that crashes and go on with the others")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing; rewrite the summary from the runs already finished")
+    # Explicit flags beat the preset, which beats the defaults: hide the defaults until a preset is known.
+    defaults = {key: parser.get_default(key) for key in PRESET_KEYS}
+    parser.set_defaults(bench_defaults=defaults, **{key: None for key in PRESET_KEYS})
+
+
+def resolve_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what the command line left unsaid from --preset, then from the parser's defaults."""
+    preset = get_preset(args.preset).settings() if getattr(args, "preset", None) else {}
+    defaults = getattr(args, "bench_defaults", {})
+    for key in PRESET_KEYS:
+        if getattr(args, key, None) is None:
+            setattr(args, key, preset.get(key, defaults.get(key)))
+    return args
+
+
+def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
+    args = resolve_preset(args)
+    if getattr(args, "strategy_option", None):
+        raise ConfigError("bench takes options per strategy: --strategies name:key=value (not --strategy-option)")
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"strategy", "strategy_options", "seed", "out"}
+    base = RunConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+    return BenchConfig(base=base, strategies=[StrategySpec.parse(text) for text in args.strategies or []],
+                       out=Path(args.out), seeds=list(args.seeds), preset=args.preset,
+                       keep_going=args.keep_going)
+
+
+def run_bench_from_args(args: argparse.Namespace, oracle_factory: OracleFactory) -> int:
+    """The `app.py bench` command: run the grid, print where the summary is; 1 if a run failed."""
+    bench = bench_config_from_args(args)
+    if args.report_only:
+        bench.validate()
+        path = Path(bench.out) / "bench.json"
+        log = json.loads(path.read_text()) if path.exists() else {"invocations": [], "wall_s_total": 0.0}
+        _, finished = write_bench_report(bench, log)
+        print(f"report of {finished} finished runs written to {bench.out}")
+        return 0
+    result = run_bench(bench, oracle_factory, progress=not args.no_progress)
+    grid_size = len(bench.strategies) * len(bench.seeds)
+    print(f"bench: {result.finished} of {grid_size} runs finished ({result.skipped} already were), "
+          f"{result.wall_s:.1f} s; summary in {Path(bench.out) / 'summary.md'}")
+    for label, entry in result.summary.items():
+        test = entry.get("vs_random")
+        verdict = f", vs random: {test['verdict']} (p={test['p_value']})" if test and test["p_value"] is not None else ""
+        print(f"  {label}: AULC {entry['aulc_mean']:.4f} ± {entry['aulc_std']:.4f}{verdict}")
+    return 1 if result.failures else 0
