@@ -1,0 +1,172 @@
+"""The annotator's commands: users, export (csv, jsonl, imagefolder), and the server surviving kill -9."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app as app_module
+from al_engine.data import load_dataset
+from al_engine.loop import RunConfig
+from annotator import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "cli-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = app_module.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def labeled_db(tmp_path, digits, labels=(0, 1, 1)) -> str:
+    path = str(tmp_path / "a.db")
+    config = RunConfig(dataset="digits", initial=5, query_size=3, rounds=1, epochs=2, device="cpu")
+    client = create_app({"DATABASE": path, "RUN_CONFIG": config, "DATASET": digits, "ADMIN_TOKEN": TOKEN}).test_client()
+    for label in labels:
+        item = client.get("/api/tasks/next", headers=ADMIN).get_json()["item_id"]
+        client.post("/api/annotations", json={"item_id": item, "label": label}, headers=ADMIN)
+    return path
+
+
+def test_users_add_prints_a_token_and_list_shows_the_user(tmp_path, capsys):
+    db = str(tmp_path / "u.db")
+    code, out, _ = run_cli(capsys, "users", "add", "grace", "--role", "admin", "--db", db)
+    assert code == 0 and "grace" in out and "?token=" in out
+    code, out, _ = run_cli(capsys, "users", "list", "--db", db)
+    assert code == 0 and "grace" in out and "admin" in out
+    code, _, err = run_cli(capsys, "users", "add", "grace", "--db", db)
+    assert code == 2 and err.count("\n") == 1 and "already exists" in err
+
+
+def test_export_without_a_database_is_one_line_and_exit_2(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "export", "--format", "csv", "--out", str(tmp_path / "x.csv"),
+                           "--db", str(tmp_path / "missing.db"))
+    assert code == 2 and err.count("\n") == 1 and "no annotator database" in err
+
+
+def test_export_csv_and_jsonl_are_written_whole(tmp_path, digits, capsys):
+    db = labeled_db(tmp_path, digits)
+    out = tmp_path / "out" / "labels.csv"
+    code, stdout, _ = run_cli(capsys, "export", "--format", "csv", "--out", str(out), "--db", db)
+    assert code == 0 and "exported 3 answers" in stdout
+    rows = list(csv.DictReader(out.open()))
+    assert [r["label"] for r in rows] == ["0", "1", "1"] and {r["annotator"] for r in rows} == {"owner"}
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
+    jsonl = tmp_path / "labels.jsonl"
+    assert run_cli(capsys, "export", "--format", "jsonl", "--out", str(jsonl), "--db", db)[0] == 0
+    assert [json.loads(line)["label_index"] for line in jsonl.read_text().splitlines()] == [0, 1, 1]
+
+
+def test_export_imagefolder_writes_one_folder_per_class(tmp_path, digits, capsys):
+    db = labeled_db(tmp_path, digits)
+    out = tmp_path / "tree"
+    code, stdout, _ = run_cli(capsys, "export", "--format", "imagefolder", "--out", str(out), "--db", db)
+    assert code == 0 and "3 labeled images" in stdout
+    assert sorted(p.name for p in out.iterdir()) == [str(d) for d in range(10)]
+    assert len(list((out / "0").glob("*.png"))) == 1 and len(list((out / "1").glob("*.png"))) == 2
+    with Image.open(next((out / "1").glob("*.png"))) as image:
+        assert image.size == (28, 28)
+    code, _, err = run_cli(capsys, "export", "--format", "imagefolder", "--out", str(out), "--db", db)
+    assert code == 2 and "not an empty folder" in err
+
+
+def test_a_flat_folder_of_unlabeled_images_is_labeled_and_exported_with_its_files(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    db = str(tmp_path / "p.db")
+    config = RunConfig(dataset="imagefolder", data_dir=str(folder), classes=["cat", "dog"], image_size=16,
+                       initial=0, query_size=3, rounds=1, epochs=2, device="cpu")
+    app = create_app({"DATABASE": db, "RUN_CONFIG": config, "ADMIN_TOKEN": TOKEN})
+    client = app.test_client()
+    assert client.get("/api/status", headers=ADMIN).get_json()["batch_size"] == 3  # random first batch
+    for label in ("cat", "dog", "dog"):
+        item = client.get("/api/tasks/next", headers=ADMIN).get_json()["item_id"]
+        assert client.post("/api/annotations", json={"item_id": item, "label": label}, headers=ADMIN).status_code == 201
+    app.extensions["annotator"].driver.run_until_idle()
+    status = client.get("/api/status", headers=ADMIN).get_json()
+    assert status["round"] == 1 and status["batch_remaining"] == 3
+    rows = list(csv.DictReader(client.get("/api/export?format=csv", headers=ADMIN).get_data(as_text=True).splitlines()))
+    assert all(r["file_name"].startswith("img") for r in rows) and [r["label"] for r in rows].count("dog") == 2
+    out = tmp_path / "tree"
+    assert run_cli(capsys, "export", "--format", "imagefolder", "--out", str(out), "--db", db)[0] == 0
+    copied = sorted(p.name.split("_", 1)[1] for p in (out / "dog").iterdir())
+    assert len(copied) == 2 and all((folder / name).read_bytes() == next((out / "dog").glob(f"*_{name}")).read_bytes()
+                                    for name in copied)  # the original files, byte for byte
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(db: str, port: int) -> subprocess.Popen:
+    command = [sys.executable, "app.py", "--db", db, "--token", TOKEN, "--port", str(port), "--initial", "10",
+               "--query-size", "5", "--rounds", "2", "--epochs", "2", "--device", "cpu"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    for line in process.stdout:
+        if "sign in at" in line:
+            assert f"http://127.0.0.1:{port}/?token={TOKEN}" in line
+            return process
+        if time.time() > deadline:
+            break
+    process.kill()
+    raise AssertionError("the server did not print its sign-in URL")
+
+
+def call(port: int, path: str, body: dict | None = None) -> tuple[int, dict | None]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=dict(ADMIN),
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     method="GET" if body is None else "POST")
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        data = response.read()
+        return response.status, json.loads(data) if data else None
+
+
+def test_answers_survive_kill_9_and_the_restart_resumes_the_same_round(tmp_path):
+    db, port = str(tmp_path / "kill.db"), free_port()
+    server = start_server(db, port)
+    try:
+        answered = []
+        for label in range(4):
+            status, task = call(port, "/api/tasks/next")
+            assert status == 200
+            assert call(port, "/api/annotations", {"item_id": task["item_id"], "label": label})[0] == 201
+            answered.append(task["item_id"])
+    finally:
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+    server = start_server(db, port)
+    try:
+        _, status = call(port, "/api/status")
+        assert status["round"] == 0 and status["labeled"] == 4 and status["batch_remaining"] == 6
+        _, task = call(port, "/api/tasks/next")
+        assert task["item_id"] not in answered
+    finally:
+        server.terminate()
+        server.wait(10)
