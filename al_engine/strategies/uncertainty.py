@@ -1,6 +1,8 @@
 """Uncertainty sampling: pure scoring functions of the class probabilities, and their strategies.
 
-Each function maps an (N, C) array of probabilities to (N,) scores, larger = query first.
+Each function maps an (N, C) array of probabilities to (N,) scores, larger = query first;
+`bald` maps (T, N, C) Monte-Carlo dropout samples to (N,). Ties are left to `top_k`, which breaks
+them by pool position, so equal scores never make a query depend on sort stability.
 """
 from __future__ import annotations
 
@@ -34,11 +36,35 @@ def margin(probs) -> np.ndarray:
     return -(top2[:, 1] - top2[:, 0])
 
 
+def _entropy_last_axis(probs: np.ndarray) -> np.ndarray:
+    safe = np.where(probs > 0, probs, 1.0)  # 0 log 0 = 0: log(1) = 0 where p = 0
+    return -(probs * np.log(safe)).sum(axis=-1)
+
+
 def entropy(probs) -> np.ndarray:
     """-sum_c p log p, with 0 log 0 = 0 (no NaN at p = 0)."""
-    probs = _as_array(probs)
-    safe = np.where(probs > 0, probs, 1.0)
-    return -(probs * np.log(safe)).sum(axis=1)
+    return _entropy_last_axis(_as_array(probs))
+
+
+def _as_samples(mc_probs) -> np.ndarray:
+    if isinstance(mc_probs, torch.Tensor):
+        mc_probs = mc_probs.detach().cpu().numpy()
+    mc_probs = np.asarray(mc_probs, dtype=np.float64)
+    if mc_probs.ndim != 3:
+        raise ValueError(f"expected (T, N, C) dropout samples, got shape {mc_probs.shape}")
+    return mc_probs
+
+
+def bald(mc_probs) -> np.ndarray:
+    """Mutual information between the label and the dropout mask: H(mean_t p_t) - mean_t H(p_t).
+
+    High when the samples disagree with each other (each confident, about different classes);
+    zero when every sample says the same thing, however uncertain that thing is.
+    """
+    mc_probs = _as_samples(mc_probs)
+    mean_probs = mc_probs.mean(axis=0)  # (N, C)
+    information = _entropy_last_axis(mean_probs) - _entropy_last_axis(mc_probs).mean(axis=0)
+    return np.maximum(information, 0.0)  # >= 0 exactly; float error may leave -1e-17
 
 
 class UncertaintyStrategy(Strategy):

@@ -1,0 +1,168 @@
+"""Adversarial margin sampling (Ducoffe and Precioso, 2018): query the images closest to the decision boundary,
+the distance estimated by the size of the smallest perturbation that flips the predicted class.
+
+Both attacks run on a whole batch of images at once on `state.device`; an image leaves the batch as
+soon as its label flips, and every attack stops after `max_iter` steps. The score is minus the L2 norm
+of the flipping perturbation (in normalised input units), so the nearest images come first. An image
+that the attack never flips within `max_iter` steps scores `UNFLIPPED_SCORE`: it ranks after every
+flipped image (it is at least as far as the attack could reach), ties broken by pool position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..errors import ConfigError
+from ..train import image_batches
+from . import register_strategy
+from .base import QueryState, Strategy
+
+UNFLIPPED_SCORE = -1e9  # score of an image no step flipped: after every flipped image, and still valid JSON
+
+
+@dataclass
+class AttackResult:
+    distance: torch.Tensor  # (B,) L2 norm of the flipping perturbation; NaN where the label never flipped
+    steps: torch.Tensor  # (B,) attack steps taken
+
+
+def bim_attack(model, images: torch.Tensor, step_size: float, max_iter: int) -> AttackResult:
+    """Basic iterative method: x += step_size * sign(grad of the loss of the predicted class) until it flips."""
+    count = images.shape[0]
+    perturbation = torch.zeros_like(images)
+    distance = torch.full((count,), float("nan"), device=images.device)
+    steps = torch.zeros(count, dtype=torch.long, device=images.device)
+    with torch.no_grad():
+        original = model(images).argmax(dim=1)
+    active = torch.arange(count, device=images.device)
+    for step in range(max_iter + 1):
+        inputs = (images[active] + perturbation[active]).requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(inputs)
+            same = logits.argmax(dim=1) == original[active]
+            flipped = active[~same]
+            distance[flipped] = perturbation[flipped].flatten(1).norm(dim=1)
+            active = active[same]
+            if step == max_iter or len(active) == 0:
+                break
+            loss = F.cross_entropy(logits[same], original[active], reduction="sum")  # sum: per-image gradients
+            gradient, = torch.autograd.grad(loss, inputs)
+        perturbation[active] += step_size * gradient[same].sign()
+        steps[active] += 1
+    return AttackResult(distance, steps)
+
+
+def _logit_jacobian(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """(C, B, *input) gradients of every logit with respect to its own image (images are independent in eval mode)."""
+    classes = logits.shape[1]
+    basis = torch.eye(classes, device=logits.device, dtype=logits.dtype)  # (C, C)
+    grad_outputs = basis.unsqueeze(1).expand(classes, *logits.shape)  # (C, B, C)
+    try:
+        jacobian, = torch.autograd.grad(logits, inputs, grad_outputs, is_grads_batched=True)
+        return jacobian
+    except RuntimeError:  # an operation without a batching rule: one backward pass per class
+        return torch.stack([torch.autograd.grad(logits[:, c].sum(), inputs, retain_graph=True)[0]
+                            for c in range(classes)])
+
+
+def deepfool_attack(model, images: torch.Tensor, overshoot: float, max_iter: int) -> AttackResult:
+    """Multi-class DeepFool (Moosavi-Dezfooli et al., 2016), batched.
+
+    Each step linearises the classifier at the current point, moves to the nearest linearised boundary
+    r = (|f_l| + 1e-4) / |w_l|^2 * w_l, l = argmin_k |f_k| / |w_k| (f_k, w_k: logit and gradient differences
+    to the original class), accumulates r, and evaluates x + (1 + overshoot) * r_total.
+    """
+    count = images.shape[0]
+    total = torch.zeros_like(images)  # r_total, the accumulated steps
+    distance = torch.full((count,), float("nan"), device=images.device)
+    steps = torch.zeros(count, dtype=torch.long, device=images.device)
+    with torch.no_grad():
+        original = model(images).argmax(dim=1)
+    active = torch.arange(count, device=images.device)
+    for step in range(max_iter + 1):
+        inputs = (images[active] + (1 + overshoot) * total[active]).requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(inputs)  # (B, C)
+            same = logits.argmax(dim=1) == original[active]
+            flipped = active[~same]
+            distance[flipped] = ((1 + overshoot) * total[flipped]).flatten(1).norm(dim=1)
+            if step == max_iter or not same.any():
+                break
+            jacobian = _logit_jacobian(logits, inputs)  # (C, B, *input)
+        with torch.no_grad():
+            keep = same.nonzero().flatten()
+            labels = original[active[keep]]
+            jacobian = jacobian[:, keep].flatten(2).transpose(0, 1)  # (B', C, P)
+            logits = logits[keep]
+            rows = torch.arange(len(keep), device=images.device)
+            logit_gap = logits - logits[rows, labels].unsqueeze(1)  # (B', C): f_k
+            gradient_gap = jacobian - jacobian[rows, labels].unsqueeze(1)  # (B', C, P): w_k
+            gap_norm = gradient_gap.norm(dim=2)  # (B', C)
+            ratio = logit_gap.abs() / gap_norm.clamp_min(1e-12)
+            ratio[rows, labels] = float("inf")
+            nearest_class = ratio.argmin(dim=1)
+            f_l = logit_gap[rows, nearest_class].abs()
+            w_l = gradient_gap[rows, nearest_class]  # (B', P)
+            step_vector = ((f_l + 1e-4) / w_l.pow(2).sum(1).clamp_min(1e-12)).unsqueeze(1) * w_l
+            active = active[keep]
+            total[active] += step_vector.view_as(total[active])
+            steps[active] += 1
+    return AttackResult(distance, steps)
+
+
+@dataclass
+class BIMOptions:
+    step_size: float = 0.05  # per-pixel step, in normalised input units (the reference's eps)
+    max_iter: int = 50  # steps at most; an image still unflipped then scores UNFLIPPED_SCORE
+    batch_size: int = 1024  # images attacked together
+
+    def validate(self) -> None:
+        if self.step_size <= 0 or self.max_iter < 1 or self.batch_size < 1:
+            raise ConfigError("adversarial-bim needs step_size > 0, max_iter >= 1 and batch_size >= 1")
+
+
+@dataclass
+class DeepFoolOptions:
+    overshoot: float = 0.02  # push past the linearised boundary by this fraction of the perturbation
+    max_iter: int = 50  # steps at most; an image still unflipped then scores UNFLIPPED_SCORE
+    batch_size: int = 256  # images attacked together (the Jacobian holds C x batch x pixels floats)
+
+    def validate(self) -> None:
+        if self.overshoot < 0 or self.max_iter < 1 or self.batch_size < 1:
+            raise ConfigError("adversarial-deepfool needs overshoot >= 0, max_iter >= 1 and batch_size >= 1")
+
+
+class AdversarialStrategy(Strategy):
+    def attack(self, model, images: torch.Tensor) -> AttackResult:
+        raise NotImplementedError
+
+    def score(self, state: QueryState) -> np.ndarray:
+        model = state.model.eval()  # dropout off; gradients flow to the images only, never into the weights
+        distances = []
+        for images in image_batches(state.dataset, state.unlabeled_indices, self.options.batch_size, state.device):
+            distances.append(self.attack(model, images).distance.double().cpu().numpy())
+        distance = np.concatenate(distances) if distances else np.empty(0)
+        return np.where(np.isnan(distance), UNFLIPPED_SCORE, -distance)
+
+
+@register_strategy
+class AdversarialBIM(AdversarialStrategy):
+    name = "adversarial-bim"
+    help = "smallest iterative sign-gradient (BIM) perturbation that flips the prediction"
+    Options = BIMOptions
+
+    def attack(self, model, images):
+        return bim_attack(model, images, self.options.step_size, self.options.max_iter)
+
+
+@register_strategy
+class AdversarialDeepFool(AdversarialStrategy):
+    name = "adversarial-deepfool"
+    help = "smallest DeepFool perturbation (with overshoot) that flips the prediction"
+    Options = DeepFoolOptions
+
+    def attack(self, model, images):
+        return deepfool_attack(model, images, self.options.overshoot, self.options.max_iter)
