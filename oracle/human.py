@@ -197,7 +197,7 @@ class EngineWorker(threading.Thread):
         self.driver = driver
         self.poll_s = poll_s  # seconds between checks of the open batch when nobody notifies
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     @property
     def status(self) -> EngineStatus:
@@ -207,21 +207,21 @@ class EngineWorker(threading.Thread):
         self._wake.set()
 
     def stop(self, timeout: float | None = 5.0) -> None:
-        self._stop.set()
+        self._stopping.set()
         self._wake.set()
         if self.is_alive():
             self.join(timeout)
 
     def run(self) -> None:
         self.status.set("starting")
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 busy = self.driver.step()
             except Exception as error:  # keep serving answers; show the failure on the dashboard
                 log.exception("engine step failed")
                 self.status.set("error", 0.0, f"{type(error).__name__}: {error}")
                 busy = False
-                self._stop.wait(5.0)
+                self._stopping.wait(5.0)
             if not busy:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
