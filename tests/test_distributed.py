@@ -1,0 +1,169 @@
+"""Sharded scoring: the merge is exact by hand, and 2 processes pick what 1 process picks."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from al_engine.data import Pool, load_dataset, take_subset
+from al_engine.distributed import GATHER_VIEWS, main, merge_top_k, shard_bounds, sharded_query, sharding_plan
+from al_engine.models import build_model
+from al_engine.strategies import QueryState, get_strategy, strategy_names, top_k
+from al_engine.train import TrainConfig, train_classifier
+
+ROOT = Path(__file__).resolve().parent.parent
+# One of each plan: per-item scores, one random stream, and global views (when registered).
+STRATEGIES = ["entropy", "margin", "least-confidence", "random", "kcenter-greedy", "badge", "bald", "kmeans",
+              "typiclust"]
+QUERY_SIZE = 12
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_shards_cover_the_pool_once_and_differ_by_at_most_one():
+    for count in (0, 1, 7, 10, 1001):
+        for world in (1, 2, 3, 8):
+            bounds = [shard_bounds(count, rank, world) for rank in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == count
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [stop - start for start, stop in bounds]
+            assert max(sizes) - min(sizes) <= 1
+    assert [shard_bounds(7, r, 3) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
+
+
+def test_merge_by_hand_breaks_ties_by_global_position():
+    # Shard 0 holds positions 0-2, shard 1 positions 3-5; scores 0.9 tie at positions 2 and 3.
+    picks = merge_top_k([(np.array([2, 0]), np.array([0.9, 0.5])), (np.array([3, 5]), np.array([0.9, 0.8]))], 3)
+    assert picks[0].tolist() == [2, 3, 5]
+    assert picks[1].tolist() == [0.9, 0.9, 0.8]
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_merging_shard_top_ks_equals_the_global_top_k(world):
+    rng = np.random.default_rng(world)
+    scores = rng.integers(0, 20, size=203).astype(float)  # many ties on purpose
+    k = 17
+    shards = []
+    for rank in range(world):
+        start, stop = shard_bounds(len(scores), rank, world)
+        local = top_k(scores[start:stop], min(k, stop - start))
+        shards.append((start + local, scores[start:stop][local]))
+    positions, merged = merge_top_k(shards, k)
+    assert positions.tolist() == top_k(scores, k).tolist()
+    assert merged.tolist() == scores[top_k(scores, k)].tolist()
+
+
+def test_plans_follow_what_each_strategy_reads():
+    assert sharding_plan(get_strategy("entropy")) == ("shard", ())
+    assert sharding_plan(get_strategy("random")) == ("main", ())
+    for name in set(GATHER_VIEWS) & set(strategy_names()):
+        assert sharding_plan(get_strategy(name))[0] == "gather"
+    if "lookahead" in strategy_names():
+        assert sharding_plan(get_strategy("lookahead", mode="exact"))[0] == "shard"
+        assert sharding_plan(get_strategy("lookahead", mode="last-layer"))[0] == "main"
+
+
+def test_one_process_is_plain_query():
+    dataset = take_subset(load_dataset("digits"), 120, seed=0)
+    pool = Pool(120)
+    pool.add_labels(np.arange(10), dataset.train_labels[:10].numpy(), round_index=-1)
+    model = build_model("small-cnn", dataset.image_shape, 10)
+    state = QueryState(model=model.eval(), dataset=dataset, pool=pool, device=torch.device("cpu"))
+    expected = get_strategy("margin").query(state, 5)
+    got = sharded_query(get_strategy("margin"), QueryState(model=model, dataset=dataset, pool=pool,
+                                                           device=torch.device("cpu")), 5)
+    assert got[0].tolist() == expected[0].tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Two real processes (gloo) against one
+
+
+def _problem(weights_path=None):
+    """A small pool, 40 labels, and a model trained for two epochs (or loaded from weights_path)."""
+    dataset = take_subset(load_dataset("digits"), 500, seed=1)
+    pool = Pool(len(dataset.train_labels))
+    initial = pool.initial_indices(40, 0)
+    pool.add_labels(initial, dataset.train_labels[initial].numpy(), round_index=-1)
+    torch.manual_seed(0)
+    model = build_model("small-cnn", dataset.image_shape, dataset.num_classes)
+    if weights_path is None:
+        train_classifier(model, dataset, initial, pool.labels[initial], TrainConfig(max_epochs=2, fixed_epochs=True),
+                         torch.device("cpu"))
+    else:
+        model.load_state_dict(torch.load(weights_path))
+    return dataset, pool, model.eval()
+
+
+def _state(dataset, pool, model):
+    return QueryState(model=model, dataset=dataset, pool=pool, device=torch.device("cpu"), round_index=1, seed=3)
+
+
+def _worker(rank, world, folder, strategies):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        dataset, pool, model = _problem(f"{folder}/weights.pt")
+        if rank != 0:  # a different model on the other rank: sharded_query must broadcast rank 0's
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_(1.0)
+        results = {}
+        for name in strategies:
+            picks, scores = sharded_query(get_strategy(name), _state(dataset, pool, model), QUERY_SIZE)
+            results[name] = {"picks": picks.tolist(), "scores": scores.tolist()}
+        with open(f"{folder}/rank{rank}.json", "w") as handle:
+            json.dump(results, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_pick_what_one_process_picks(tmp_path):
+    torch.set_num_threads(1)
+    strategies = [name for name in STRATEGIES if name in strategy_names()]
+    dataset, pool, model = _problem()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    expected = {}
+    for name in strategies:
+        picks, scores = get_strategy(name).query(_state(dataset, pool, model), QUERY_SIZE)
+        expected[name] = {"picks": picks.tolist(), "scores": scores.tolist()}
+
+    mp.start_processes(_worker, args=(2, str(tmp_path), strategies), nprocs=2, join=True, start_method="spawn")
+
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name in strategies:
+            assert got[name]["picks"] == expected[name]["picks"], f"{name} on rank {rank}"
+            np.testing.assert_allclose(got[name]["scores"], expected[name]["scores"], rtol=1e-5, atol=1e-7)
+
+
+def test_torchrun_scoring_job_matches_one_process(tmp_path):
+    arguments = ["--strategy", "entropy", "--subset", "600", "--initial", "30", "--epochs", "2", "--threads", "1",
+                 "--query-size", "15"]
+    assert main([*arguments, "--json", str(tmp_path / "one.json")]) == 0  # this process: world size 1
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "al_engine.distributed", *arguments, "--json", str(tmp_path / "two.json")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert double.returncode == 0, double.stderr[-2000:]
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert (one["world_size"], two["world_size"], two["backend"]) == (1, 2, "gloo")
+    assert two["picks"] == one["picks"] and len(one["picks"]) == 15
+    np.testing.assert_allclose(two["scores"], one["scores"], rtol=1e-6)
+
+
+def test_scoring_job_bad_strategy_is_one_line(capsys):
+    assert main(["--strategy", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown strategy 'nope'" in err and len(err.strip().splitlines()) == 1
