@@ -1,7 +1,8 @@
 """The annotator's SQLite database: the only module that speaks SQL (through sqlite-utils).
 
-WAL mode with synchronous=FULL: an answer is on disk before its request returns, so killing the
-server at any moment loses no acknowledged answer. Writes that must see a consistent picture
+WAL mode; every answer, undo and round change commits with synchronous=FULL (fsync) before its
+request returns, so killing the server (or the machine) at any moment loses no acknowledged answer.
+Leases commit without the fsync: losing one only hands the item out again. Writes that must see a consistent picture
 (an answer against an open round, closing a round, leasing items) run in `BEGIN IMMEDIATE`
 transactions, so concurrent requests and the engine worker serialise instead of racing.
 
@@ -124,7 +125,7 @@ class AnnotationDB:
             self.db = sqlite_utils.Database(connection)
             if setup:
                 self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # durable=True transactions raise it to FULL
             self.db.execute("PRAGMA foreign_keys=ON")
             if setup:
                 self.migrate()
@@ -135,8 +136,14 @@ class AnnotationDB:
         self.db.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite_utils.Database]:
-        """A write transaction taken up front (BEGIN IMMEDIATE): no lost updates between readers."""
+    def transaction(self, durable: bool = True) -> Iterator[sqlite_utils.Database]:
+        """A write transaction taken up front (BEGIN IMMEDIATE): no lost updates between readers.
+
+        durable=True commits with synchronous=FULL (the WAL is fsynced: the change survives even a
+        power cut); durable=False (leases only) commits with NORMAL, which survives a killed process
+        but may lose the last commits on a power cut, and saves an fsync (about 9 ms here) per request."""
+        if durable:
+            self.db.execute("PRAGMA synchronous=FULL")
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
@@ -148,6 +155,9 @@ class AnnotationDB:
             raise
         else:
             self.db.commit()
+        finally:
+            if durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")
 
     def schema_version(self) -> int:
         if "meta" not in self.db.table_names():
@@ -353,7 +363,7 @@ class AnnotationDB:
         """Up to `count` unanswered items of the open batch, leased to this annotator for 10 minutes:
         the ones they already hold first, then free ones in the strategy's pick order."""
         now = _now() if now is None else now
-        with self.transaction():
+        with self.transaction(durable=False):  # a lease lost to a power cut is simply handed out again
             current = self.current_round()
             if current is None or current["state"] != "labeling":
                 return []
@@ -371,17 +381,6 @@ class AnnotationDB:
                                 "on conflict(item_id) do update set annotator_id = excluded.annotator_id, "
                                 "expires = excluded.expires", [item_id, user_id, now + LEASE_SECONDS])
         return items
-
-    def lease_item(self, user_id: int, item_id: int, now: float | None = None) -> None:
-        """Give an item back to an annotator (after an undo), unless someone else holds it."""
-        now = _now() if now is None else now
-        with self.transaction():
-            holder = self.db.execute("select annotator_id from leases where item_id = ? and expires > ?",
-                                     [item_id, now]).fetchone()
-            if holder is None or holder[0] == user_id:
-                self.db.execute("insert into leases(item_id, annotator_id, expires) values (?, ?, ?) "
-                                "on conflict(item_id) do update set annotator_id = excluded.annotator_id, "
-                                "expires = excluded.expires", [item_id, user_id, now + LEASE_SECONDS])
 
     def item_in_batches(self, item_id: int) -> bool:
         return self.db.execute("select 1 from batch_items where item_id = ? limit 1", [item_id]).fetchone() is not None
