@@ -226,6 +226,7 @@ class ScoringJob:
     device: str = "cpu"
     threads: int = 0  # torch threads per process (0 = torch's default)
     weights: str | None = None  # load the model from this file instead of training
+    save_weights: str | None = None  # rank 0 saves the trained model here (to reuse with `weights`)
 
 
 def run_scoring_job(job: ScoringJob) -> dict | None:
@@ -256,11 +257,14 @@ def run_scoring_job(job: ScoringJob) -> dict | None:
     elif context.is_main:  # the others receive rank 0's weights in sharded_query
         train_s = train_classifier(model, dataset, initial, pool.labels[initial], train_config, device,
                                    seed=job.seed).seconds
+        if job.save_weights:
+            torch.save(model.state_dict(), job.save_weights)
     model.eval()
     times, picks, scores = [], None, None
     for _ in range(job.repeat):
         if context.active:
             dist.barrier()
+        strategy = get_strategy(job.strategy, **job.strategy_options)  # fresh: no cache from the last repeat
         state = QueryState(model=model, dataset=dataset, pool=pool, device=device, round_index=0, seed=job.seed,
                            train_config=train_config)
         start = time.perf_counter()
@@ -293,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in dataclasses.asdict(defaults).items():
         if name == "strategy_options":
             parser.add_argument("--strategy-option", type=_key_value, action="append", default=[])
-        elif name == "subset" or name == "weights":
-            parser.add_argument(f"--{name}", type=int if name == "subset" else str, default=None)
+        elif name in ("subset", "weights", "save_weights"):
+            parser.add_argument(f"--{name.replace('_', '-')}", type=int if name == "subset" else str, default=None)
         else:
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--json", help="also write rank 0's result to this file")
