@@ -126,10 +126,10 @@ def command_run(argv: list[str]) -> int:
     args = build_run_parser().parse_args(argv)
     config = run_config_from_args(args)
     if args.oracle == "simulated":
-        from al_engine.loop import run_simulation
+        from al_engine.distributed import run_simulation_distributed  # plain run_simulation without torchrun
         from oracle.simulated import SimulatedOracle
 
-        metrics = run_simulation(config, SimulatedOracle.for_run, progress=not args.no_progress)
+        metrics = run_simulation_distributed(config, SimulatedOracle.for_run, progress=not args.no_progress)
         last = metrics[-1] if metrics else None
         if last is not None:
             accuracy = "n/a" if last["accuracy"] is None else f"{last['accuracy']:.4f}"

@@ -16,8 +16,10 @@ the strategy (`sharding_plan`):
             stream over the whole pool, and any strategy this module knows nothing about).
 
 Every rank must hold the same model: `sharded_query` broadcasts rank 0's weights first. Gloo is used
-on CPUs and NCCL on GPUs. `python -m al_engine.distributed` is a scoring job (train on a seeded
-initial set, then time sharded queries) for the tests and benchmarks/distributed_scoring.py.
+on CPUs and NCCL on GPUs. `torchrun ... app.py --oracle simulated ...` runs a whole run this way
+(`run_simulation_distributed`: rank 0 trains and writes, all ranks score). `python -m
+al_engine.distributed` is a scoring job (train on a seeded initial set, then time sharded queries)
+for the tests and benchmarks/distributed_scoring.py.
 """
 from __future__ import annotations
 
@@ -203,6 +205,77 @@ def sharded_query(strategy: Strategy, state: QueryState, k: int, sync_model: boo
     if mode == "main":
         return _broadcast_result(strategy.query(state, k) if context.is_main else None)
     raise ValueError(f"unknown sharding mode {mode!r} for strategy {strategy.name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# A whole simulated run under torchrun: rank 0 runs the loop, every rank scores its shard
+
+
+class QueryCoordinator:
+    """Rank 0's query hook: tell the other ranks what to score this round, then score with them."""
+
+    def __call__(self, strategy: Strategy, state: QueryState, k: int) -> tuple[np.ndarray, np.ndarray]:
+        _broadcast_result({"round": state.round_index, "k": k, "pool": state.pool.to_dict(),
+                           "strategy_state": strategy.state_dict()})
+        return sharded_query(strategy, state, k)
+
+    def stop(self) -> None:
+        _broadcast_result({"stop": True})
+
+
+def serve_queries(config, dataset=None) -> int:
+    """A worker rank's loop: rebuild each round's state from rank 0's message and score its shard.
+
+    Returns the number of rounds served. The model's weights arrive with every query.
+    """
+    from .data import Pool, load_dataset
+    from .models import build_model
+    from .seeding import round_seed, seed_everything
+    from .strategies import get_strategy
+    from .train import resolve_device
+
+    device = resolve_device(config.device)
+    dataset = dataset if dataset is not None else load_dataset(config.dataset, config.load_options())
+    strategy = get_strategy(config.strategy, **config.strategy_options)
+    train_config = config.train_config()
+    model = build_model(config.model, dataset.image_shape, dataset.num_classes, config.embed_dim).to(device).eval()
+    served = 0
+    while True:
+        message = _broadcast_result(None)
+        if message.get("stop"):
+            return served
+        strategy.load_state_dict(message["strategy_state"])
+        seed_everything(round_seed(config.seed, message["round"], 2))  # as Engine.query seeds rank 0
+        state = QueryState(model=model, dataset=dataset, pool=Pool.from_dict(message["pool"]), device=device,
+                           round_index=message["round"], seed=config.seed, train_config=train_config)
+        sharded_query(strategy, state, message["k"])
+        served += 1
+
+
+def run_simulation_distributed(config, oracle_factory, progress: bool = True, dataset=None) -> list[dict]:
+    """`loop.run_simulation` with the pool's scoring sharded over the ranks torchrun started.
+
+    Rank 0 trains, asks the oracle and writes every file; the other ranks only score (they return []).
+    Launched without torchrun it is `run_simulation` itself.
+    """
+    from .loop import run_simulation
+    from .train import resolve_device
+
+    context = init_distributed(resolve_device(config.device))
+    if context.world_size == 1:
+        return run_simulation(config, oracle_factory, progress=progress, dataset=dataset)
+    try:
+        if context.is_main:
+            coordinator = QueryCoordinator()
+            try:
+                return run_simulation(config, oracle_factory, progress=progress, dataset=dataset,
+                                      query_hook=coordinator)
+            finally:
+                coordinator.stop()  # also when rank 0 fails, so the workers do not wait forever
+        serve_queries(config, dataset)
+        return []
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------

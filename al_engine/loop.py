@@ -14,6 +14,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -101,6 +102,9 @@ class RoundMetrics:
 class Engine:
     """One run's state: dataset, pool, strategy and the current model; one step at a time."""
 
+    # (strategy, state, k) -> (indices, scores) in place of strategy.query; a torchrun run shards with it.
+    query_hook: Callable | None = None
+
     def __init__(self, config: RunConfig, dataset: Dataset | None = None,
                  on_epoch_end: Callable[[int, float], None] | None = None):
         config.validate()
@@ -145,7 +149,8 @@ class Engine:
         start = time.perf_counter()
         state = QueryState(model=self.model, dataset=self.dataset, pool=self.pool, device=self.device,
                            round_index=round_index, seed=self.config.seed, train_config=self.train_config)
-        indices, scores = self.strategy.query(state, query_size or self.config.query_size)
+        query = self.strategy.query if self.query_hook is None else partial(self.query_hook, self.strategy)
+        indices, scores = query(state, query_size or self.config.query_size)
         if np.intersect1d(indices, self.pool.labeled_indices).size:
             raise RuntimeError(f"strategy {self.config.strategy!r} returned a labeled index")
         return indices, scores, time.perf_counter() - start
@@ -222,13 +227,15 @@ def _comparable(config: dict) -> dict:
 
 
 def run_simulation(config: RunConfig, oracle_factory: Callable[[Dataset, RunConfig], Oracle],
-                   progress: bool = True, dataset: Dataset | None = None) -> list[dict]:
+                   progress: bool = True, dataset: Dataset | None = None,
+                   query_hook: Callable | None = None) -> list[dict]:
     """Run (or resume) a whole simulated benchmark; returns the metrics of every round."""
     from tqdm.auto import tqdm
 
     if not config.out:
         raise ConfigError("a simulated run needs --out DIR")
     engine = Engine(config, dataset=dataset)
+    engine.query_hook = query_hook
     if not engine.dataset.has_ground_truth:
         raise ConfigError(f"dataset {config.dataset!r} has no ground-truth labels to simulate an oracle with")
     oracle = oracle_factory(engine.dataset, config)

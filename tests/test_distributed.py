@@ -148,19 +148,42 @@ def test_two_processes_pick_what_one_process_picks(tmp_path):
             np.testing.assert_allclose(got[name]["scores"], expected[name]["scores"], rtol=1e-5, atol=1e-7)
 
 
-def test_torchrun_scoring_job_matches_one_process(tmp_path):
-    arguments = ["--strategy", "entropy", "--subset", "600", "--initial", "30", "--epochs", "2", "--threads", "1",
-                 "--query-size", "15"]
-    assert main([*arguments, "--json", str(tmp_path / "one.json")]) == 0  # this process: world size 1
+def test_torchrun_run_matches_one_process(tmp_path):
+    """A whole simulated run under torchrun (2 ranks, gloo) writes what one process writes."""
+    import app
+    from al_engine.loop import read_jsonl
+
+    arguments = ["--oracle", "simulated", "--dataset", "digits", "--subset", "400", "--strategy", "entropy",
+                 "--initial", "30", "--query-size", "15", "--rounds", "2", "--epochs", "3", "--device", "cpu",
+                 "--no-progress"]
+    torch.set_num_threads(1)
+    assert app.main([*arguments, "--out", str(tmp_path / "one")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "al_engine.distributed", *arguments, "--json", str(tmp_path / "two.json")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+                             "app.py", *arguments, "--out", str(tmp_path / "two")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert double.returncode == 0, double.stderr[-2000:]
-    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
-    assert (one["world_size"], two["world_size"], two["backend"]) == (1, 2, "gloo")
-    assert two["picks"] == one["picks"] and len(one["picks"]) == 15
-    np.testing.assert_allclose(two["scores"], one["scores"], rtol=1e-6)
+    assert double.stdout.count("done: round 2") == 1  # rank 0 reports; the worker stays quiet
+    for name in ("queries.jsonl", "metrics.jsonl"):
+        one, two = read_jsonl(tmp_path / "one" / name), read_jsonl(tmp_path / "two" / name)
+        assert len(one) == len(two) > 0
+        for a, b in zip(one, two):
+            if name == "queries.jsonl":
+                assert a["indices"] == b["indices"]
+            else:
+                assert (a["labeled"], a["accuracy"]) == (b["labeled"], b["accuracy"])
+    assert not (tmp_path / "two" / "rank1").exists()
+
+
+def test_scoring_job_in_one_process(tmp_path):
+    assert main(["--strategy", "margin", "--subset", "300", "--initial", "20", "--epochs", "1", "--query-size", "7",
+                 "--threads", "1", "--save-weights", str(tmp_path / "w.pt"), "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["world_size"] == 1 and result["plan"] == "shard" and len(result["picks"]) == 7
+    assert len(set(result["picks"])) == 7 and (tmp_path / "w.pt").stat().st_size > 0
+    again = main(["--strategy", "margin", "--subset", "300", "--initial", "20", "--query-size", "7", "--threads", "1",
+                  "--weights", str(tmp_path / "w.pt"), "--json", str(tmp_path / "r2.json")])
+    assert again == 0 and json.loads((tmp_path / "r2.json").read_text())["picks"] == result["picks"]
 
 
 def test_scoring_job_bad_strategy_is_one_line(capsys):
