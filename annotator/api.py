@@ -24,6 +24,10 @@ def status_payload() -> dict:
     progress = db.batch_progress()
     labeled = db.labeled_count()
     engine = state.status.snapshot()
+    if engine["state"] == "waiting" and progress["state"] == "labeling":  # fresher than the worker's last look
+        done = progress["batch_size"] - progress["batch_remaining"]
+        engine["detail"] = f"{done} of {progress['batch_size']} answered"
+        engine["progress"] = round(done / max(progress["batch_size"], 1), 3)
     return {
         "round": progress["round"], "labeled": labeled, "unlabeled": state.driver.engine.pool.size - labeled,
         "batch_size": progress["batch_size"], "batch_remaining": progress["batch_remaining"],

@@ -156,11 +156,11 @@ def training_load(engine, stop: threading.Event, rounds_done: list) -> None:
 
 def latency_phases(args, db_dir: str) -> list[dict]:
     import numpy as np
-    from werkzeug.serving import make_server
 
     from al_engine.data import load_dataset
     from al_engine.loop import Engine, RunConfig
     from annotator import create_app
+    from annotator.cli import make_server
     from annotator.db import AnnotationDB
 
     config = RunConfig(dataset="fashion-mnist", initial=args.annotators * args.pairs * 2 + 50, query_size=100,
@@ -172,9 +172,7 @@ def latency_phases(args, db_dir: str) -> list[dict]:
     db = AnnotationDB(db_path)
     tokens = [db.add_user(f"annotator{i}") for i in range(args.annotators)]
     db.close()
-    import logging
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = make_server("127.0.0.1", free_port(), app, threaded=True)
+    server = make_server(app, "127.0.0.1", free_port())  # exactly as `app.py` serves
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_port}"
 

@@ -22,15 +22,14 @@ pytestmark = [
 @pytest.fixture
 def server(tmp_path):
     """The annotator with its background engine worker, on a free loopback port."""
-    from werkzeug.serving import make_server
-
     from al_engine.loop import RunConfig
     from annotator import create_app
+    from annotator.cli import make_server
 
     config = RunConfig(dataset="digits", initial=6, query_size=4, rounds=2, epochs=2, seed=0, device="cpu")
     app = create_app({"DATABASE": str(tmp_path / "browser.db"), "RUN_CONFIG": config, "ADMIN_TOKEN": TOKEN,
                       "START_ENGINE": True})
-    http = make_server("127.0.0.1", 0, app, threaded=True)
+    http = make_server(app, "127.0.0.1", 0)
     thread = threading.Thread(target=http.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{http.server_port}", app

@@ -1,0 +1,81 @@
+"""Make the screenshots in docs/img/: the labeling page, grid mode and the dashboard on Fashion-MNIST.
+
+Runs three rounds with the ground truth as the "annotator" (entropy strategy), leaves the fourth
+batch part-answered, then photographs the pages in headless Chromium.
+    python docs/screenshots.py [--chromium /usr/bin/chromium]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TOKEN = "screenshot-token"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "img"))
+    args = parser.parse_args()
+
+    from playwright.sync_api import sync_playwright
+
+    from al_engine.loop import RunConfig
+    from annotator import create_app
+    from annotator.cli import make_server
+
+    config = RunConfig(dataset="fashion-mnist", strategy="entropy", initial=100, query_size=50, rounds=8,
+                       epochs=15, device="cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        app = create_app({"DATABASE": str(Path(folder) / "shots.db"), "RUN_CONFIG": config, "ADMIN_TOKEN": TOKEN})
+        state = app.extensions["annotator"]
+        driver, truth = state.driver, state.dataset.train_labels.numpy()
+        db = driver.db
+        owner = db.user_for_token(TOKEN).id
+        helpers = [db.user_for_token(db.add_user(name)).id for name in ("ana", "ben")]
+        for round_index in range(4):
+            items = db.lease_tasks(owner, 500)
+            if round_index == 3:
+                items = items[:18]  # leave the current batch part-answered
+            for position, item in enumerate(items):
+                user = [owner, *helpers][position % 3]
+                db.record_answer(user, item, int(truth[item]), time_taken_ms=900 + 37 * position)
+            if round_index < 3:
+                driver.run_until_idle()
+        server = make_server(app, "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{server.server_port}"
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=args.chromium, args=ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"{base}/?token={TOKEN}")
+            page.wait_for_function("document.getElementById('item-image').naturalWidth > 0")
+            page.wait_for_selector("#engine-status")
+            page.screenshot(path=str(out / "labeling.png"))
+            page.goto(f"{base}/grid")
+            page.wait_for_function("document.querySelectorAll('#grid img').length > 0 && "
+                                   "[...document.querySelectorAll('#grid img')].every(i => i.naturalWidth > 0)")
+            for cell in page.query_selector_all(".grid-cell")[:5]:
+                cell.click()
+            page.screenshot(path=str(out / "grid.png"))
+            page.goto(f"{base}/dashboard")
+            page.wait_for_selector("svg.curve")
+            page.screenshot(path=str(out / "dashboard.png"), full_page=True)
+            browser.close()
+        server.shutdown()
+    print(f"wrote {out}/labeling.png, grid.png, dashboard.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
