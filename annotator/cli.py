@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,14 @@ def make_server(app, host: str, port: int):
     return werkzeug_server(host, port, app, threaded=True)
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise OSError now if (host, port) cannot be bound, before werkzeug prints its own message and exits."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+
+
 def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: str | None = None,
           db_path: str = "annotations.db") -> int:
     """Start the annotator with the engine in a background worker; runs until interrupted."""
@@ -44,15 +53,20 @@ def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: s
     if not 0 < port < 65536:
         raise UserError(f"--port must lie in 1..65535, got {port}")
     token = token or secrets.token_urlsafe(24)
+    try:
+        check_port(host, port)  # before the dataset loads: a busy port is reported at once
+    except OSError as error:
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port or --host") from None
     started = time.perf_counter()
     dataset = load_dataset(config.dataset, config.load_options())
     app = create_app({"DATABASE": db_path, "RUN_CONFIG": config, "DATASET": dataset, "ADMIN_TOKEN": token,
                       "START_ENGINE": True})
     try:
         server = make_server(app, host, port)
-    except (OSError, SystemExit) as error:  # werkzeug exits when the port is taken
+    except (OSError, SystemExit) as error:  # werkzeug itself exits when the port is taken
         app.extensions["annotator"].worker.stop()
-        raise UserError(f"cannot listen on {host}:{port}: {error}; choose another --port") from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "the address is in use"
+        raise UserError(f"cannot listen on {host}:{port}: {reason}; choose another --port or --host") from None
     print(f"annotator: {dataset.name}, {dataset.train_images.shape[0]} items, {len(dataset.classes)} classes, "
           f"strategy {config.strategy}, database {db_path} (ready in {time.perf_counter() - started:.1f} s)")
     print(f"annotator: sign in at {sign_in_url(host, port, token)}", flush=True)

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 STATES = ("starting", "training", "querying", "waiting", "finished", "error", "stopped")
 
 
+class EngineStopped(Exception):
+    """Raised between training epochs when the server shuts down: the round is retrained on restart."""
+
+
 @dataclass
 class EngineStatus:
     """What the engine is doing, for the status API and the dashboard (shared across threads)."""
@@ -102,6 +106,7 @@ class EngineDriver:
         self.oracle = HumanOracle(self.db, engine.dataset)
         self.status = status or EngineStatus()
         self.engine.on_epoch_end = self._on_epoch_end
+        self.stop_requested = threading.Event()
         self._round = 0
 
     @property
@@ -109,6 +114,8 @@ class EngineDriver:
         return self.engine.config
 
     def _on_epoch_end(self, epoch: int, loss: float) -> None:
+        if self.stop_requested.is_set():
+            raise EngineStopped()
         cap = max(self.engine.train_config.max_epochs, 1)
         self.status.set("training", min((epoch + 1) / cap, 1.0), f"epoch {epoch + 1}, loss {loss:.3f}", self._round)
 
@@ -206,8 +213,9 @@ class EngineWorker(threading.Thread):
     def notify(self) -> None:
         self._wake.set()
 
-    def stop(self, timeout: float | None = 5.0) -> None:
+    def stop(self, timeout: float | None = 10.0) -> None:
         self._stopping.set()
+        self.driver.stop_requested.set()  # ends a training at its next epoch
         self._wake.set()
         if self.is_alive():
             self.join(timeout)
@@ -217,6 +225,8 @@ class EngineWorker(threading.Thread):
         while not self._stopping.is_set():
             try:
                 busy = self.driver.step()
+            except EngineStopped:
+                break
             except Exception as error:  # keep serving answers; show the failure on the dashboard
                 log.exception("engine step failed")
                 self.status.set("error", 0.0, f"{type(error).__name__}: {error}")
@@ -225,4 +235,5 @@ class EngineWorker(threading.Thread):
             if not busy:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
+        self.status.set("stopped")
         self.driver.close()

@@ -170,3 +170,19 @@ def test_answers_survive_kill_9_and_the_restart_resumes_the_same_round(tmp_path)
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_a_busy_port_is_one_line_and_exit_2(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = run_cli(capsys, "--port", str(port), "--db", str(tmp_path / "a.db"))
+    assert code == 2 and err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
+def test_ctrl_c_stops_the_server_and_its_worker_cleanly(tmp_path):
+    server = start_server(str(tmp_path / "int.db"), free_port())
+    server.send_signal(signal.SIGINT)
+    output, _ = server.communicate(timeout=30)
+    assert server.returncode == 0 and "Traceback" not in output and "terminate called" not in output
