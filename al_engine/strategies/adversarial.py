@@ -55,25 +55,28 @@ def bim_attack(model, images: torch.Tensor, step_size: float, max_iter: int) -> 
     return AttackResult(distance, steps)
 
 
-def _logit_jacobian(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """(C, B, *input) gradients of every logit with respect to its own image (images are independent in eval mode)."""
-    classes = logits.shape[1]
-    basis = torch.eye(classes, device=logits.device, dtype=logits.dtype)  # (C, C)
-    grad_outputs = basis.unsqueeze(1).expand(classes, *logits.shape)  # (C, B, C)
+def _logit_gradients(logits: torch.Tensor, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(B, M, P) gradients of logits[b, classes[b, m]] with respect to image b (images are independent in eval mode)."""
+    count, chosen = classes.shape
+    grad_outputs = torch.zeros(chosen, count, logits.shape[1], device=logits.device, dtype=logits.dtype)
+    grad_outputs.scatter_(2, classes.T.unsqueeze(2), 1.0)  # (M, B, C): one-hot of class m of each image
     try:
-        jacobian, = torch.autograd.grad(logits, inputs, grad_outputs, is_grads_batched=True)
-        return jacobian
+        gradients, = torch.autograd.grad(logits, inputs, grad_outputs, is_grads_batched=True)
     except RuntimeError:  # an operation without a batching rule: one backward pass per class
-        return torch.stack([torch.autograd.grad(logits[:, c].sum(), inputs, retain_graph=True)[0]
-                            for c in range(classes)])
+        gradients = torch.stack([torch.autograd.grad(logits, inputs, grad_outputs[m], retain_graph=True)[0]
+                                 for m in range(chosen)])
+    return gradients.flatten(2).transpose(0, 1)  # (B, M, P)
 
 
-def deepfool_attack(model, images: torch.Tensor, overshoot: float, max_iter: int) -> AttackResult:
+def deepfool_attack(model, images: torch.Tensor, overshoot: float, max_iter: int,
+                    candidate_classes: int = 0) -> AttackResult:
     """Multi-class DeepFool (Moosavi-Dezfooli et al., 2016), batched.
 
     Each step linearises the classifier at the current point, moves to the nearest linearised boundary
     r = (|f_l| + 1e-4) / |w_l|^2 * w_l, l = argmin_k |f_k| / |w_k| (f_k, w_k: logit and gradient differences
     to the original class), accumulates r, and evaluates x + (1 + overshoot) * r_total.
+    `candidate_classes` > 0 considers only that many most likely other classes at each step (as the
+    original implementation does for ImageNet); 0 considers every class.
     """
     count = images.shape[0]
     total = torch.zeros_like(images)  # r_total, the accumulated steps
@@ -91,19 +94,20 @@ def deepfool_attack(model, images: torch.Tensor, overshoot: float, max_iter: int
             distance[flipped] = ((1 + overshoot) * total[flipped]).flatten(1).norm(dim=1)
             if step == max_iter or not same.any():
                 break
-            jacobian = _logit_jacobian(logits, inputs)  # (C, B, *input)
+            labels = original[active]
+            others = logits.detach().scatter(1, labels.unsqueeze(1), float("-inf"))
+            shortlist = logits.shape[1] - 1 if candidate_classes <= 0 else min(candidate_classes, logits.shape[1] - 1)
+            classes = torch.cat([labels.unsqueeze(1), others.topk(shortlist, dim=1).indices], dim=1)  # (B, 1 + M)
+            gradients = _logit_gradients(logits, inputs, classes)  # (B, 1 + M, P)
         with torch.no_grad():
             keep = same.nonzero().flatten()
-            labels = original[active[keep]]
-            jacobian = jacobian[:, keep].flatten(2).transpose(0, 1)  # (B', C, P)
-            logits = logits[keep]
-            rows = torch.arange(len(keep), device=images.device)
-            logit_gap = logits - logits[rows, labels].unsqueeze(1)  # (B', C): f_k
-            gradient_gap = jacobian - jacobian[rows, labels].unsqueeze(1)  # (B', C, P): w_k
-            gap_norm = gradient_gap.norm(dim=2)  # (B', C)
-            ratio = logit_gap.abs() / gap_norm.clamp_min(1e-12)
-            ratio[rows, labels] = float("inf")
+            gradients, classes = gradients[keep], classes[keep]
+            picked = logits.detach()[keep].gather(1, classes)  # (B', 1 + M) logits of the label and the shortlist
+            logit_gap = picked[:, 1:] - picked[:, :1]  # (B', M): f_k
+            gradient_gap = gradients[:, 1:] - gradients[:, :1]  # (B', M, P): w_k
+            ratio = logit_gap.abs() / gradient_gap.norm(dim=2).clamp_min(1e-12)
             nearest_class = ratio.argmin(dim=1)
+            rows = torch.arange(len(keep), device=images.device)
             f_l = logit_gap[rows, nearest_class].abs()
             w_l = gradient_gap[rows, nearest_class]  # (B', P)
             step_vector = ((f_l + 1e-4) / w_l.pow(2).sum(1).clamp_min(1e-12)).unsqueeze(1) * w_l
@@ -129,9 +133,10 @@ class DeepFoolOptions:
     overshoot: float = 0.02  # push past the linearised boundary by this fraction of the perturbation
     max_iter: int = 50  # steps at most; an image still unflipped then scores UNFLIPPED_SCORE
     batch_size: int = 256  # images attacked together (the Jacobian holds C x batch x pixels floats)
+    candidate_classes: int = 0  # other classes considered per step, the most likely first; 0 = all
 
     def validate(self) -> None:
-        if self.overshoot < 0 or self.max_iter < 1 or self.batch_size < 1:
+        if self.overshoot < 0 or self.max_iter < 1 or self.batch_size < 1 or self.candidate_classes < 0:
             raise ConfigError("adversarial-deepfool needs overshoot >= 0, max_iter >= 1 and batch_size >= 1")
 
 
@@ -165,4 +170,5 @@ class AdversarialDeepFool(AdversarialStrategy):
     Options = DeepFoolOptions
 
     def attack(self, model, images):
-        return deepfool_attack(model, images, self.options.overshoot, self.options.max_iter)
+        return deepfool_attack(model, images, self.options.overshoot, self.options.max_iter,
+                               self.options.candidate_classes)
