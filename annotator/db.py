@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,20 @@ def _iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{int(timestamp % 1 * 1000):03d}Z"
+
+
+_WRITE_LOCKS: dict[str, threading.Lock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _write_lock(path: str) -> threading.Lock:
+    """One lock per database file for the writers of this process. SQLite's own busy handler sleeps
+    in growing steps (up to 100 ms) while another connection writes; queueing on a lock instead
+    wakes the next writer the moment the previous one commits. Other processes (the CLI) still
+    meet SQLite's lock and its timeout."""
+    key = os.path.realpath(path)
+    with _WRITE_LOCKS_GUARD:
+        return _WRITE_LOCKS.setdefault(key, threading.Lock())
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,22 +158,23 @@ class AnnotationDB:
         durable=True commits with synchronous=FULL (the WAL is fsynced: the change survives even a
         power cut); durable=False (leases only) commits with NORMAL, which survives a killed process
         but may lose the last commits on a power cut, and saves an fsync (about 9 ms here) per request."""
-        if durable:
-            self.db.execute("PRAGMA synchronous=FULL")
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as error:
-            raise AnnotatorDBError(f"database {self.path!r} is busy: {error}") from None
-        try:
-            yield self.db
-        except BaseException:
-            self.db.rollback()
-            raise
-        else:
-            self.db.commit()
-        finally:
+        with _write_lock(self.path):
             if durable:
-                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                raise AnnotatorDBError(f"database {self.path!r} is busy: {error}") from None
+            try:
+                yield self.db
+            except BaseException:
+                self.db.rollback()
+                raise
+            else:
+                self.db.commit()
+            finally:
+                if durable:
+                    self.db.execute("PRAGMA synchronous=NORMAL")
 
     def schema_version(self) -> int:
         if "meta" not in self.db.table_names():

@@ -3,9 +3,10 @@
 Prints JSON lines:
   {"bench": "time_to_first_image", ...}   `python app.py --dataset fashion-mnist` from process start
                                           until the first image of the first batch has been served
-  {"bench": "next_plus_answer", "phase": "engine idle" | "engine training", ...}
+  {"bench": "next_plus_answer", "phase": "engine idle" | "engine training", "think_ms": 0 | 500, ...}
                                           p50/p95/p99 of GET /api/tasks/next followed by POST /api/annotations,
-                                          per annotator thread, with N annotators at once
+                                          per annotator thread, with N annotators at once: back to back
+                                          (think_ms 0, a stress test) and paced like fast people (think_ms)
 
 The server runs in this process exactly as `app.py` runs it (werkzeug, threaded, engine worker thread).
 The product trains only between batches, when nobody can answer; to measure answers *while* a model
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -71,7 +73,7 @@ def percentiles(values: list[float]) -> dict:
 # Client process: N annotator threads, each: next item, then answer it; latency of the pair.
 
 
-def run_clients(base: str, tokens: list[str], pairs: int, seconds: float) -> dict:
+def run_clients(base: str, tokens: list[str], pairs: int, seconds: float, think_ms: float = 0.0) -> dict:
     pair_ms, next_ms, answer_ms, errors = [], [], [], []
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
@@ -80,6 +82,7 @@ def run_clients(base: str, tokens: list[str], pairs: int, seconds: float) -> dic
         for _ in range(pairs):
             if time.perf_counter() > deadline:
                 return
+            time.sleep(think_ms / 1000 * (0.5 + random.random()))  # a person looks at the image
             start = time.perf_counter()
             status, body = request(f"{base}/api/tasks/next", token)
             got = time.perf_counter()
@@ -163,7 +166,7 @@ def latency_phases(args, db_dir: str) -> list[dict]:
     from annotator.cli import make_server
     from annotator.db import AnnotationDB
 
-    config = RunConfig(dataset="fashion-mnist", initial=args.annotators * args.pairs * 2 + 50, query_size=100,
+    config = RunConfig(dataset="fashion-mnist", initial=args.annotators * args.pairs * 4 + 50, query_size=100,
                        rounds=1, device="cpu", epochs=args.train_epochs)
     dataset = load_dataset(config.dataset, config.load_options())
     db_path = str(Path(db_dir) / "latency.db")
@@ -183,7 +186,8 @@ def latency_phases(args, db_dir: str) -> list[dict]:
     load_engine.pool.add_labels(labeled, dataset.train_labels.numpy()[labeled], -1)
 
     results = []
-    for phase in ("engine idle", "engine training"):
+    phases = [(engine, think) for engine in ("engine idle", "engine training") for think in (0.0, args.think_ms)]
+    for phase, think_ms in phases:
         stop, rounds_done = threading.Event(), []
         trainer = None
         if phase == "engine training":
@@ -192,7 +196,7 @@ def latency_phases(args, db_dir: str) -> list[dict]:
             time.sleep(2.0)  # let the first epochs start
         client = subprocess.run(
             [sys.executable, __file__, "--client", base, "--tokens", ",".join(tokens), "--pairs", str(args.pairs),
-             "--phase-seconds", str(args.phase_seconds)],
+             "--phase-seconds", str(args.phase_seconds), "--think-ms", str(think_ms)],
             capture_output=True, text=True, timeout=args.phase_seconds + 120)
         stop.set()
         if trainer is not None:
@@ -200,7 +204,8 @@ def latency_phases(args, db_dir: str) -> list[dict]:
         if client.returncode != 0:
             raise RuntimeError(f"client failed: {client.stderr[-2000:]}")
         measured = json.loads(client.stdout.strip().splitlines()[-1])
-        results.append({"bench": "next_plus_answer", "phase": phase, "annotators": args.annotators,
+        results.append({"bench": "next_plus_answer", "phase": phase, "think_ms": think_ms,
+                        "annotators": args.annotators,
                         "target_p95_ms": 50, **measured,
                         "trainings_during_phase": len(rounds_done) if trainer else 0,
                         "engine_state": app.extensions["annotator"].status.snapshot()["state"]})
@@ -215,12 +220,15 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=40, help="next+answer pairs per annotator per phase")
     parser.add_argument("--phase-seconds", type=float, default=40.0, help="time limit per phase")
     parser.add_argument("--train-epochs", type=int, default=20, help="epoch cap of the background training")
+    parser.add_argument("--think-ms", type=float, default=500.0,
+                        help="mean pause per annotator between answers in the paced phases (0-phases have none)")
     parser.add_argument("--skip-first-image", action="store_true")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        print(json.dumps(run_clients(args.client, args.tokens.split(","), args.pairs, args.phase_seconds)))
+        print(json.dumps(run_clients(args.client, args.tokens.split(","), args.pairs, args.phase_seconds,
+                                     args.think_ms)))
         return 0
     common = {"cpu_count": os.cpu_count(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
               "note": "CPU shared with other engineers' jobs during this run; timings are noisy"}

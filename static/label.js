@@ -13,6 +13,7 @@
   const selected = new Set(); // grid mode: item ids selected
   let shownAt = performance.now();
   let pollTimer = null;
+  let finished = false;       // the run is over: stop asking for work
   let chain = Promise.resolve(); // answers go to the server one after another, in order
   const preloaded = new Map();
 
@@ -121,6 +122,7 @@
 
   function schedulePoll() {
     clearTimeout(pollTimer);
+    if (finished) return;
     pollTimer = setTimeout(refill, 1500);
   }
 
@@ -147,6 +149,7 @@
     for (const id of [...selected]) if (!queue.some((t) => t.item_id === id)) selected.delete(id);
     showStatus(data.status);
     preload(grid ? [] : queue.slice(1));
+    finished = Boolean(data.status && data.status.finished);
     render();
   }
 
