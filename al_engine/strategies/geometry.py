@@ -114,12 +114,13 @@ class KMeansResult:
 
 def kmeans(points: torch.Tensor, clusters: int, rng: np.random.Generator, max_iter: int = 50,
            tol: float = 1e-4) -> KMeansResult:
-    """Lloyd's k-means from a k-means++ start; stops when centres move less than `tol` x the data's variance."""
+    """Lloyd's k-means from a k-means++ start; stops when the centres' total squared shift falls below
+    `tol` x the mean per-dimension variance of the data (scikit-learn's criterion)."""
     clusters = min(clusters, points.shape[0])
     start = kmeans_plus_plus(points.shape[0], clusters, rng,
                              lambda i: squared_distances(points, points[i:i + 1])[:, 0])
     centers = points[torch.as_tensor(start, device=points.device)].clone()
-    threshold = tol * float(points.var(dim=0).sum()) if points.shape[0] > 1 else 0.0
+    threshold = tol * float(points.var(dim=0).mean()) if points.shape[0] > 1 else 0.0
     iterations = 0
     for iterations in range(1, max_iter + 1):
         _, assignment = nearest(points, centers)
