@@ -269,7 +269,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategies", type=_comma_list, default=None, metavar="A,B,C",
                         help="strategies to compare; options as name:key=value (e.g. lookahead:mode=last-layer)")
     parser.add_argument("--seeds", type=_seed_list, default=DEFAULT_SEEDS, metavar="0,1,2",
-                        help="seeds, paired across strategies (default: 0,1,2,3,4)")
+                        help="seeds, paired across strategies (default: 0,1,2,3,4; bench ignores --seed)")
     parser.add_argument("--out", required=True, help="folder of the bench (resumed when it exists)")
     parser.add_argument("--preset", metavar="NAME",
                         help=f"a published set-up: {', '.join(preset_names())}; explicit flags override it")

@@ -306,7 +306,7 @@ def run_scoring_job(job: ScoringJob) -> dict | None:
     """Run the job on this rank; rank 0 returns the picks and timings, other ranks None."""
     from .data import LoadOptions, Pool, load_dataset
     from .models import build_model
-    from .seeding import seed_everything
+    from .seeding import round_seed, seed_everything
     from .strategies import get_strategy
     from .train import resolve_device, train_classifier, train_preset
 
@@ -338,6 +338,7 @@ def run_scoring_job(job: ScoringJob) -> dict | None:
         if context.active:
             dist.barrier()
         strategy = get_strategy(job.strategy, **job.strategy_options)  # fresh: no cache from the last repeat
+        seed_everything(round_seed(job.seed, 0, 2))  # every rank's random state as Engine.query sets it
         state = QueryState(model=model, dataset=dataset, pool=pool, device=device, round_index=0, seed=job.seed,
                            train_config=train_config)
         start = time.perf_counter()

@@ -234,9 +234,12 @@ def plot_query_time(summary: dict, path: Path) -> None:
         seconds = np.array(entry["curve"]["query_s_mean"][:-1])  # the last round queries nothing
         if len(seconds):
             axes.plot(np.arange(len(seconds)), np.maximum(seconds, 1e-3), marker="o", markersize=3, label=label)
+    from matplotlib.ticker import MaxNLocator
+
     axes.set_yscale("log")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("round")
-    axes.set_ylabel("query time per round (s, mean over seeds)")
+    axes.set_ylabel("query seconds per round (mean over seeds; floor 1 ms)")
     axes.set_title("Cost of choosing each batch")
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize=8)
