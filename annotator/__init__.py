@@ -25,7 +25,7 @@ from al_engine.data import Dataset, load_dataset
 from al_engine.errors import UserError
 from al_engine.loop import Engine, RunConfig
 
-from .db import AnnotationDB
+from .db import AnnotationDB, AnnotatorDBError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,6 +145,12 @@ def register_error_handlers(app: Flask) -> None:
             return jsonify(error=error.description, status=error.code), error.code
         return render_template("error.html", code=error.code, title=error.name,
                                message=error.description), error.code
+
+    @app.errorhandler(AnnotatorDBError)
+    def database_error(error: AnnotatorDBError):  # busy or failing storage: retry later, nothing was stored
+        if wants_json():
+            return jsonify(error=str(error), status=503), 503
+        return render_template("error.html", code=503, title="Database unavailable", message=str(error)), 503
 
     @app.errorhandler(UserError)
     def user_error(error: UserError):

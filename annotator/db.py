@@ -167,14 +167,18 @@ class AnnotationDB:
                 raise AnnotatorDBError(f"database {self.path!r} is busy: {error}") from None
             try:
                 yield self.db
+                self.db.commit()
+            except sqlite3.Error as error:  # disk full, I/O error, locked by another process...
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.rollback()
+                raise AnnotatorDBError(f"database {self.path!r}: {error}") from None
             except BaseException:
                 self.db.rollback()
                 raise
-            else:
-                self.db.commit()
             finally:
                 if durable:
-                    self.db.execute("PRAGMA synchronous=NORMAL")
+                    with contextlib.suppress(sqlite3.Error):
+                        self.db.execute("PRAGMA synchronous=NORMAL")
 
     def schema_version(self) -> int:
         if "meta" not in self.db.table_names():

@@ -238,3 +238,23 @@ def test_export_csv_and_jsonl_hold_every_answer_with_its_provenance(client, app)
     records = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
     assert [r["label_index"] for r in records] == [2, 3]
     assert set(records[0]) >= {"item", "file_name", "label", "annotator", "time", "round", "strategy", "score"}
+
+
+def test_a_failing_database_is_a_503_json_error_not_a_traceback(client, app, monkeypatch):
+    import sqlite3
+
+    from annotator import db as db_module
+
+    item = client.get("/api/tasks/next", headers=ADMIN).get_json()["item_id"]
+    real_execute = db_module.sqlite_utils.Database.execute
+
+    def failing_execute(self, sql, *args, **kwargs):
+        if sql.lstrip().lower().startswith("insert into answers"):
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_execute(self, sql, *args, **kwargs)
+
+    monkeypatch.setattr(db_module.sqlite_utils.Database, "execute", failing_execute)
+    response = client.post("/api/annotations", json={"item_id": item, "label": 1}, headers=ADMIN)
+    assert response.status_code == 503 and "disk I/O error" in response.get_json()["error"]
+    monkeypatch.undo()
+    assert client.get("/api/status", headers=ADMIN).get_json()["batch_remaining"] == 10  # nothing half-stored
