@@ -54,7 +54,7 @@ PRESETS: dict[str, Preset] = {
         dataset="fashion-mnist", model="small-cnn", initial=1000, query_size=100, rounds=10,
         train_preset="saturate",
         strategies=("random", "entropy", "margin", "bald", "kcenter-greedy", "badge", "typiclust", "rnd",
-                    "lookahead"),
+                    "lookahead:mode=last-layer", "lookahead:mode=full-fast"),  # lookahead's fast modes
         seeds=(0, 1, 2, 3, 4),
     ),
     "cifar10-resnet18": Preset(

@@ -116,6 +116,23 @@ def test_published_presets_hold_the_published_numbers():
         get_preset("nope")
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_names_things_that_exist(name):
+    from al_engine.data import dataset_names
+    from al_engine.models import model_names
+    from al_engine.train import TRAIN_PRESETS
+
+    settings = get_preset(name).settings()
+    assert set(settings) <= set(bench_module.PRESET_KEYS)
+    assert settings["dataset"] in dataset_names() and settings["model"] in model_names()
+    assert settings["train_preset"] in TRAIN_PRESETS
+    for text in settings.get("strategies", []):
+        StrategySpec.parse(text)  # well-formed; whether each is registered is checked when a bench starts
+    config = bench_config_from_args(bench_parser().parse_args(["--preset", name, "--strategies", "random",
+                                                               "--out", "x"]))
+    config.base.validate()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--strategies", "random,nope", "--out", "{tmp}"], "unknown strategy 'nope'"),
     (["bench", "--preset", "nope", "--out", "{tmp}"], "unknown preset 'nope'"),
