@@ -15,6 +15,7 @@ the first image can be served at once.
 from __future__ import annotations
 
 import secrets
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,8 +147,9 @@ def register_error_handlers(app: Flask) -> None:
         return render_template("error.html", code=error.code, title=error.name,
                                message=error.description), error.code
 
+    @app.errorhandler(sqlite3.Error)  # a read outside db.py's transactions failed the same way
     @app.errorhandler(AnnotatorDBError)
-    def database_error(error: AnnotatorDBError):  # busy or failing storage: retry later, nothing was stored
+    def database_error(error: Exception):  # busy or failing storage: retry later, nothing was stored
         if wants_json():
             return jsonify(error=str(error), status=503), 503
         return render_template("error.html", code=503, title="Database unavailable", message=str(error)), 503

@@ -67,10 +67,10 @@ def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: s
         app.extensions["annotator"].worker.stop()
         reason = error.strerror if isinstance(error, OSError) and error.strerror else "the address is in use"
         raise UserError(f"cannot listen on {host}:{port}: {reason}; choose another --port or --host") from None
-    print(f"annotator: {dataset.name}, {dataset.train_images.shape[0]} items, {len(dataset.classes)} classes, "
-          f"strategy {config.strategy}, database {db_path} (ready in {time.perf_counter() - started:.1f} s)")
-    print(f"annotator: sign in at {sign_in_url(host, port, token)}", flush=True)
-    try:
+    try:  # from here on, Ctrl-C stops the worker and exits 0
+        print(f"annotator: {dataset.name}, {dataset.train_images.shape[0]} items, {len(dataset.classes)} classes, "
+              f"strategy {config.strategy}, database {db_path} (ready in {time.perf_counter() - started:.1f} s)")
+        print(f"annotator: sign in at {sign_in_url(host, port, token)}", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
