@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 
 import numpy as np
 import torch
@@ -28,12 +29,16 @@ def image_to_png(image: torch.Tensor, display_side: int = DISPLAY_SIDE) -> bytes
     return buffer.getvalue()
 
 
+_CACHE_LOCK = threading.Lock()  # request threads share the cache
+
+
 def item_png(cache: dict, images: torch.Tensor, item_id: int) -> bytes:
-    """PNG of pool item `item_id`, from a bounded cache."""
+    """PNG of pool item `item_id`, from a bounded cache (encoded outside the lock)."""
     png = cache.get(item_id)
     if png is None:
         png = image_to_png(images[item_id])
-        if len(cache) >= CACHE_ITEMS:
-            cache.pop(next(iter(cache)))  # drop the oldest (dicts keep insertion order)
-        cache[item_id] = png
+        with _CACHE_LOCK:
+            while len(cache) >= CACHE_ITEMS:
+                cache.pop(next(iter(cache)))  # drop the oldest (dicts keep insertion order)
+            cache[item_id] = png
     return png
