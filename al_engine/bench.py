@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Callable
 
 from .data import Dataset, LoadOptions, load_dataset, take_subset
+from .distributed import broadcast_from_main, init_distributed, is_initialised, run_or_serve
 from .errors import ConfigError
-from .loop import RunConfig, RunFiles, _comparable, read_jsonl, run_simulation
+from .loop import RunConfig, RunFiles, _comparable, read_jsonl
 from .presets import get_preset, preset_names
 from .report import BASELINE, RunCurve, write_report
 from .strategies import get_strategy
+from .train import resolve_device
 
 DEFAULT_SEEDS = [0, 1, 2, 3, 4]  # 3 seeds can make a strategy look better or worse than random by chance
 # Settings a preset may fill in; the command line's own defaults apply when neither says anything.
@@ -122,6 +124,7 @@ class BenchResult:
     skipped: int  # runs that were already complete before it
     failures: list[dict]
     wall_s: float
+    is_main: bool = True  # False on the other ranks of a torchrun bench, which write nothing
 
 
 OracleFactory = Callable[[Dataset, RunConfig], object]
@@ -159,38 +162,56 @@ class _DatasetCache:
 
 def run_bench(bench: BenchConfig, oracle_factory: OracleFactory, progress: bool = True,
               dataset: Dataset | None = None) -> BenchResult:
-    """Run every (strategy, seed) pair not yet finished, then write the report into bench.out."""
+    """Run every (strategy, seed) pair not yet finished, then write the report into bench.out.
+
+    Under torchrun every rank walks the same grid: rank 0 trains, writes and reports, and all ranks
+    score each query's shard (al_engine.distributed).
+    """
+    import torch.distributed as dist
     from tqdm.auto import tqdm
 
     bench.validate()
     start = time.perf_counter()
-    out = Path(bench.out)
-    out.mkdir(parents=True, exist_ok=True)
-    grid = [(spec, seed) for spec in bench.strategies for seed in bench.seeds]
-    finished_before = {(spec.label, seed) for spec, seed in grid if is_finished(bench.run_config(spec, seed))}
-    datasets = _DatasetCache(bench.base, dataset)
-    failures: list[dict] = []
-    bar = tqdm(total=len(grid), initial=len(finished_before), desc="bench", unit="run", disable=not progress)
-    for spec, seed in grid:
-        if (spec.label, seed) in finished_before:
-            continue
-        config = bench.run_config(spec, seed)
-        bar.set_postfix_str(f"{spec.label} seed {seed}")
-        try:
-            run_simulation(config, oracle_factory, progress=progress, dataset=datasets.for_seed(seed))
-        except ConfigError:
-            raise  # a setting that is wrong for one run is wrong for the grid
-        except Exception as error:  # a strategy's bug must not cost the other runs, when asked
-            if not bench.keep_going:
-                raise
-            failures.append({"strategy": spec.label, "seed": seed, "error": f"{type(error).__name__}: {error}"})
-            sys.stderr.write(f"bench: {spec.label} seed {seed} failed: {type(error).__name__}: {error}\n")
-        bar.update(1)
-    bar.close()
-    wall_s = time.perf_counter() - start
-    log = _update_bench_log(bench, wall_s, len(finished_before), failures)
-    summary, finished = write_bench_report(bench, log)
-    return BenchResult(summary, finished, len(finished_before), failures, wall_s)
+    owned = not is_initialised()
+    context = init_distributed(resolve_device(bench.base.device))
+    try:
+        out = Path(bench.out)
+        grid = [(spec, seed) for spec in bench.strategies for seed in bench.seeds]
+        finished_before = None
+        if context.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            finished_before = {(spec.label, seed) for spec, seed in grid if is_finished(bench.run_config(spec, seed))}
+        finished_before = broadcast_from_main(finished_before, context)  # rank 0's files decide for all
+        datasets = _DatasetCache(bench.base, dataset)
+        failures: list[dict] = []
+        bar = tqdm(total=len(grid), initial=len(finished_before), desc="bench", unit="run",
+                   disable=not (progress and context.is_main))
+        for spec, seed in grid:
+            if (spec.label, seed) in finished_before:
+                continue
+            config = bench.run_config(spec, seed)
+            bar.set_postfix_str(f"{spec.label} seed {seed}")
+            try:
+                run_or_serve(config, oracle_factory, context, progress=progress and context.is_main,
+                             dataset=datasets.for_seed(seed))
+            except ConfigError:
+                raise  # a setting that is wrong for one run is wrong for the grid
+            except Exception as error:  # a strategy's bug must not cost the other runs, when asked
+                if not bench.keep_going:
+                    raise
+                failures.append({"strategy": spec.label, "seed": seed, "error": f"{type(error).__name__}: {error}"})
+                sys.stderr.write(f"bench: {spec.label} seed {seed} failed: {type(error).__name__}: {error}\n")
+            bar.update(1)
+        bar.close()
+        wall_s = time.perf_counter() - start
+        if not context.is_main:
+            return BenchResult({}, 0, len(finished_before), failures, wall_s, is_main=False)
+        log = _update_bench_log(bench, wall_s, len(finished_before), failures)
+        summary, finished = write_bench_report(bench, log)
+        return BenchResult(summary, finished, len(finished_before), failures, wall_s)
+    finally:
+        if owned and context.active:
+            dist.destroy_process_group()
 
 
 def _update_bench_log(bench: BenchConfig, wall_s: float, skipped: int, failures: list[dict]) -> dict:
@@ -316,6 +337,8 @@ def run_bench_from_args(args: argparse.Namespace, oracle_factory: OracleFactory)
         print(f"report of {finished} finished runs written to {bench.out}")
         return 0
     result = run_bench(bench, oracle_factory, progress=not args.no_progress)
+    if not result.is_main:
+        return 0
     grid_size = len(bench.strategies) * len(bench.seeds)
     print(f"bench: {result.finished} of {grid_size} runs finished ({result.skipped} already were), "
           f"{result.wall_s:.1f} s; summary in {Path(bench.out) / 'summary.md'}")

@@ -77,7 +77,10 @@ def init_distributed(device: torch.device | str = "cpu") -> DistributedContext:
     """Join the process group torchrun describes in the environment (one process: a no-op).
 
     gloo for CPU tensors, NCCL for CUDA; on CUDA each rank takes the GPU of its LOCAL_RANK.
+    A group that is already initialised (by the caller) is used as it is.
     """
+    if is_initialised():
+        return current_context()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if world_size <= 1:
@@ -91,8 +94,12 @@ def init_distributed(device: torch.device | str = "cpu") -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank, backend)
 
 
+def is_initialised() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def current_context() -> DistributedContext:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialised():
         return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
                                   dist.get_backend())
     return DistributedContext()
@@ -252,30 +259,46 @@ def serve_queries(config, dataset=None) -> int:
         served += 1
 
 
+def run_or_serve(config, oracle_factory, context: DistributedContext, progress: bool = True,
+                 dataset=None) -> list[dict]:
+    """One run on a group that is already up: rank 0 runs the loop and writes, the others score.
+
+    Returns the run's metrics on rank 0 and [] on the others; with one process it is `run_simulation`.
+    """
+    from .loop import run_simulation
+
+    if not context.active:
+        return run_simulation(config, oracle_factory, progress=progress, dataset=dataset)
+    if context.is_main:
+        coordinator = QueryCoordinator()
+        try:
+            return run_simulation(config, oracle_factory, progress=progress, dataset=dataset, query_hook=coordinator)
+        finally:
+            coordinator.stop()  # also when rank 0 fails, so the workers do not wait forever
+    serve_queries(config, dataset)
+    return []
+
+
+def broadcast_from_main(value, context: DistributedContext):
+    """Rank 0's `value` on every rank (as it is, with one process)."""
+    return _broadcast_result(value) if context.active else value
+
+
 def run_simulation_distributed(config, oracle_factory, progress: bool = True, dataset=None) -> list[dict]:
     """`loop.run_simulation` with the pool's scoring sharded over the ranks torchrun started.
 
     Rank 0 trains, asks the oracle and writes every file; the other ranks only score (they return []).
     Launched without torchrun it is `run_simulation` itself.
     """
-    from .loop import run_simulation
     from .train import resolve_device
 
+    owned = not is_initialised()
     context = init_distributed(resolve_device(config.device))
-    if context.world_size == 1:
-        return run_simulation(config, oracle_factory, progress=progress, dataset=dataset)
     try:
-        if context.is_main:
-            coordinator = QueryCoordinator()
-            try:
-                return run_simulation(config, oracle_factory, progress=progress, dataset=dataset,
-                                      query_hook=coordinator)
-            finally:
-                coordinator.stop()  # also when rank 0 fails, so the workers do not wait forever
-        serve_queries(config, dataset)
-        return []
+        return run_or_serve(config, oracle_factory, context, progress=progress and context.is_main, dataset=dataset)
     finally:
-        dist.destroy_process_group()
+        if owned and context.active:
+            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------

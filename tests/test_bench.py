@@ -184,7 +184,7 @@ def test_finished_runs_are_skipped_and_half_finished_runs_resume(tmp_path, small
     def no_run(*args, **kwargs):
         raise AssertionError("a finished run was run again")
 
-    monkeypatch.setattr(bench_module, "run_simulation", no_run)
+    monkeypatch.setattr(bench_module, "run_or_serve", no_run)
     again = run_bench(tiny_bench(out, strategies=("entropy",), seeds=(0,), rounds=1), SimulatedOracle.for_run,
                       progress=False, dataset=small_digits)
     assert (again.skipped, again.finished) == (1, 1)

@@ -11,11 +11,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from al_engine.bench import BenchConfig, StrategySpec, run_bench
 from al_engine.data import Pool, load_dataset, take_subset
+from al_engine.loop import RunConfig, read_jsonl
 from al_engine.distributed import GATHER_VIEWS, main, merge_top_k, shard_bounds, sharded_query, sharding_plan
 from al_engine.models import build_model
 from al_engine.strategies import QueryState, get_strategy, strategy_names, top_k
 from al_engine.train import TrainConfig, train_classifier
+from oracle.simulated import SimulatedOracle
 
 ROOT = Path(__file__).resolve().parent.parent
 # One of each plan: per-item scores, one random stream, and global views (when registered).
@@ -125,8 +128,20 @@ def _worker(rank, world, folder, strategies):
             results[name] = {"picks": picks.tolist(), "scores": scores.tolist()}
         with open(f"{folder}/rank{rank}.json", "w") as handle:
             json.dump(results, handle)
+        # A whole bench on the same group: rank 0 runs and writes, both ranks score.
+        result = run_bench(_tiny_bench(f"{folder}/bench-two"), SimulatedOracle.for_run, progress=False,
+                           dataset=dataset)
+        assert result.is_main == (rank == 0)
     finally:
         dist.destroy_process_group()
+
+
+def _tiny_bench(out):
+    base = RunConfig(dataset="digits", model="small-cnn", initial=20, query_size=10, rounds=2, epochs=2,
+                     train_preset="dal", device="cpu")
+    return BenchConfig(base=base, strategies=[StrategySpec.parse(s) for s in ("entropy", "kcenter-greedy")
+                                              if s.split(":")[0] in strategy_names()],
+                       out=Path(out), seeds=[0])
 
 
 def test_two_processes_pick_what_one_process_picks(tmp_path):
@@ -140,6 +155,16 @@ def test_two_processes_pick_what_one_process_picks(tmp_path):
         expected[name] = {"picks": picks.tolist(), "scores": scores.tolist()}
 
     mp.start_processes(_worker, args=(2, str(tmp_path), strategies), nprocs=2, join=True, start_method="spawn")
+
+    bench = _tiny_bench(tmp_path / "bench-one")
+    run_bench(bench, SimulatedOracle.for_run, progress=False, dataset=dataset)
+    for spec in bench.strategies:
+        for name in ("queries.jsonl", "metrics.jsonl"):
+            one = read_jsonl(tmp_path / "bench-one" / spec.folder / "seed-0" / name)
+            two = read_jsonl(tmp_path / "bench-two" / spec.folder / "seed-0" / name)
+            assert [r.get("indices", r.get("accuracy")) for r in one] == [r.get("indices", r.get("accuracy")) for r in two]
+    summaries = [json.loads((tmp_path / f / "summary.json").read_text()) for f in ("bench-one", "bench-two")]
+    assert {k: v["aulc_mean"] for k, v in summaries[0].items()} == {k: v["aulc_mean"] for k, v in summaries[1].items()}
 
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
