@@ -165,10 +165,14 @@ def full_fast_distances(state, round_, indices: np.ndarray, options) -> np.ndarr
                                                          options.chunk_size * 4)
         directions = principal_directions(sample_trunk, options.trunk_rank)
         eval_images = _images(state, round_.evaluation).clone()
-        jacobian = trunk_jacobian_products(student, eval_images, directions, trunk_names)  # (Ne, d_in, R)
         weight = problem["weight"][:, :-1]  # (D, d_in)
+        if directions.shape[1]:
+            jacobian = trunk_jacobian_products(student, eval_images, directions, trunk_names)  # (Ne, d_in, R)
+            moves = torch.einsum("dh,uhr->udr", weight, jacobian)
+        else:
+            moves = weight.new_zeros(len(eval_images), weight.shape[0], 0)
         round_.cache["full_directions"] = directions
-        round_.cache["full_moves"] = torch.einsum("dh,uhr->udr", weight, jacobian)
+        round_.cache["full_moves"] = moves
     inputs = trunk_outputs(student, state, indices)
     return full_fast_distances_from(inputs, layer_change, trunk_change, round_.cache["full_directions"],
                                     problem["eval_inputs"], problem["eval_z"], round_.eval_targets,

@@ -1,0 +1,61 @@
+"""Batch-aware lookahead: after each pick, the student learns it, and the rest are scored again.
+
+Without this, the k best candidates are often k near-copies of one lesson: once the student has
+learned one of them, the others teach it little. In the feature layer's closed form the lesson of
+a pick is the rank-one change W~ <- W~ - a* h~*^T, so teaching it costs one outer product: every
+pre-activation moves by z_x <- z_x - (h~_x . h~*) a*. The candidates are re-scored with the
+fixed-pattern closed form, on a working pool of the best `batch_aware_pool` candidates, whose
+kernel with the evaluation items is kept (pool x Ne).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .lookahead_fast import FixedPatternScorer, rank_one_coefficients, shortlist_positions
+
+
+@torch.inference_mode()
+def greedy_lessons(inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, eval_inputs: torch.Tensor,
+                   eval_targets: torch.Tensor, rule, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into `inputs`) of k greedy picks and their distances at the time each was picked.
+
+    inputs: (Nc, d + 1) h~ of the working pool; targets: (Nc, D); weight: (D, d + 1) the student's W~;
+    eval_inputs: (Ne, d + 1); eval_targets: (Ne, D).
+    """
+    weight = weight.clone()
+    z = inputs @ weight.T  # (Nc, D) candidates' pre-activations
+    eval_z = eval_inputs @ weight.T  # (Ne, D)
+    norms = inputs.pow(2).sum(1)
+    kernel = inputs @ eval_inputs.T  # (Nc, Ne) kept for every pick
+    scorer = FixedPatternScorer(eval_inputs, eval_z, eval_targets)
+    remaining = torch.ones(len(inputs), dtype=torch.bool, device=inputs.device)
+    picks, distances = [], []
+    for _ in range(min(k, len(inputs))):
+        coefficients = rank_one_coefficients(z, targets, norms, rule)
+        current = scorer.distances(inputs, coefficients, kernel=kernel).numpy()
+        current[~remaining.cpu().numpy()] = np.inf
+        best = int(np.argmin(current))  # the lowest position wins ties
+        picks.append(best)
+        distances.append(float(current[best]))
+        lesson = coefficients[best]  # (D,) the pick's a*: the student learns it
+        eval_z = eval_z - kernel[best][:, None] * lesson[None]
+        z = z - (inputs @ inputs[best])[:, None] * lesson[None]
+        scorer.update(eval_z, eval_targets)
+        remaining[best] = False
+    return np.asarray(picks, dtype=np.int64), np.asarray(distances)
+
+
+def batch_aware_select(strategy, state, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The strategy's select() when batch_aware=true: positions into state.unlabeled_indices and scores."""
+    from .lookahead import _candidate_problem, candidate_distances
+
+    round_ = strategy.round_state(state)
+    positions, indices = strategy._positions(state)
+    first = candidate_distances(state, round_, indices, strategy.options)
+    working = np.sort(shortlist_positions(first, min(max(strategy.options.batch_aware_pool, k), len(indices))))
+    problem, inputs, targets, _ = _candidate_problem(state, round_, indices[working])
+    picks, distances = greedy_lessons(inputs, targets, problem["weight"], problem["eval_inputs"],
+                                      round_.eval_targets, round_.rule, k)
+    strategy.diagnostics.update(batch_aware_pool=len(working))
+    return positions[working[picks]], -distances
