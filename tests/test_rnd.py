@@ -67,7 +67,7 @@ def test_unfamiliar_images_score_highest():
     dark = torch.randint(0, 40, (16, 1, 28, 28), generator=generator, dtype=torch.uint8)
     bright = torch.randint(200, 256, (2, 1, 28, 28), generator=generator, dtype=torch.uint8)
     images = torch.cat([dark, dark[:6], bright])  # pool 0..15 labeled, 16..21 copies, 22..23 bright
-    strategy = get_strategy("rnd", epochs=30, batch_size=8)
+    strategy = get_strategy("rnd", epochs=12, batch_size=8)
     picked, _ = strategy.query(make_state(images, np.arange(16)), 2)
     assert set(picked) == {22, 23}
 
