@@ -102,18 +102,16 @@ def _trunk_call(view, parameters, images):
     return functional_call(_TrunkView(view.network), parameters, (images,))
 
 
-def full_fast_distances_from(candidate_inputs: torch.Tensor, layer_change: torch.Tensor, trunk_change: torch.Tensor,
-                             directions: torch.Tensor, eval_inputs: torch.Tensor, eval_z: torch.Tensor,
-                             eval_targets: torch.Tensor, eval_moves: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+def full_fast_distances_from(candidate_inputs: torch.Tensor, a: torch.Tensor, alpha: torch.Tensor,
+                             eval_inputs: torch.Tensor, eval_z: torch.Tensor, eval_targets: torch.Tensor,
+                             eval_moves: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """(Nc,) approximate distances (module docstring).
 
-    candidate_inputs: (Nc, d + 1) h~_c; layer_change: (Nc, D, d + 1) dW~; trunk_change: (Nc, P) dtheta;
-    directions: (P, R) Q; eval_*: (Ne, d + 1), (Ne, D), (Ne, D); eval_moves: (Ne, D, R) B_u = W J_u Q.
+    candidate_inputs: (Nc, d + 1) h~_c; a: (Nc, D) the feature layer's rank-one coefficients;
+    alpha: (Nc, R) the trunk change in the directions Q; eval_*: (Ne, d + 1), (Ne, D), (Ne, D);
+    eval_moves: (Ne, D, R) B_u = W J_u Q.
     """
     count = len(eval_inputs)
-    norms = candidate_inputs.pow(2).sum(1)  # (Nc,)
-    a = -(layer_change @ candidate_inputs[:, :, None]).squeeze(2) / norms[:, None]  # (Nc, D)
-    alpha = trunk_change @ directions  # (Nc, R)
     pattern = (eval_z > 0).to(eval_z.dtype)  # (Ne, D)
     residual = torch.relu(eval_z) - eval_targets  # (Ne, D)
     weighted = pattern * residual
@@ -144,16 +142,6 @@ def full_fast_distances(state, round_, indices: np.ndarray, options) -> np.ndarr
     problem = _last_layer_problem(state, round_)
     student = round_.student
     batch = state.train_config.eval_batch_size
-    layer_changes, trunk_changes = [], []
-    for start in range(0, len(indices), batch):
-        part = indices[start:start + batch]
-        images = _images(state, part).clone()
-        targets = embed_pool(state.model, state.dataset, part, state.device, batch).clone()
-        layer_change, trunk_change, trunk_names = candidate_updates(student, images, targets, round_.rule,
-                                                                    options.chunk_size * 4)
-        layer_changes.append(layer_change)
-        trunk_changes.append(trunk_change)
-    layer_change, trunk_change = torch.cat(layer_changes), torch.cat(trunk_changes)
     if "full_directions" not in round_.cache:
         # Principal directions from a seeded sample of the candidates' trunk changes, shared by every shard.
         rng = np.random.default_rng([state.seed, state.round_index, 5011])
@@ -164,16 +152,25 @@ def full_fast_distances(state, round_, indices: np.ndarray, options) -> np.ndarr
         _, sample_trunk, trunk_names = candidate_updates(student, sample_images, sample_targets, round_.rule,
                                                          options.chunk_size * 4)
         directions = principal_directions(sample_trunk, options.trunk_rank)
-        eval_images = _images(state, round_.evaluation).clone()
         weight = problem["weight"][:, :-1]  # (D, d_in)
         if directions.shape[1]:
+            eval_images = _images(state, round_.evaluation).clone()
             jacobian = trunk_jacobian_products(student, eval_images, directions, trunk_names)  # (Ne, d_in, R)
             moves = torch.einsum("dh,uhr->udr", weight, jacobian)
         else:
-            moves = weight.new_zeros(len(eval_images), weight.shape[0], 0)
+            moves = weight.new_zeros(len(round_.evaluation), weight.shape[0], 0)
         round_.cache["full_directions"] = directions
         round_.cache["full_moves"] = moves
-    inputs = trunk_outputs(student, state, indices)
-    return full_fast_distances_from(inputs, layer_change, trunk_change, round_.cache["full_directions"],
-                                    problem["eval_inputs"], problem["eval_z"], round_.eval_targets,
-                                    round_.cache["full_moves"]).numpy()
+    directions = round_.cache["full_directions"]
+    inputs = trunk_outputs(student, state, indices)  # (Nc, d + 1)
+    coefficients, alphas = [], []
+    for start in range(0, len(indices), batch):  # keep only (a_c, alpha_c), never the whole changes
+        part = indices[start:start + batch]
+        images = _images(state, part).clone()
+        targets = embed_pool(state.model, state.dataset, part, state.device, batch).clone()
+        layer_change, trunk_change, _ = candidate_updates(student, images, targets, round_.rule, options.chunk_size * 4)
+        own = inputs[start:start + batch]
+        coefficients.append(-(layer_change @ own[:, :, None]).squeeze(2) / own.pow(2).sum(1)[:, None])
+        alphas.append(trunk_change @ directions)
+    return full_fast_distances_from(inputs, torch.cat(coefficients), torch.cat(alphas), problem["eval_inputs"],
+                                    problem["eval_z"], round_.eval_targets, round_.cache["full_moves"]).numpy()
