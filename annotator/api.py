@@ -86,11 +86,21 @@ def parse_label(body: dict) -> int:
 def parse_item_id(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         abort(400, "'item_id' must be a non-negative integer")
+    check_in_pool(value)
     return value
 
 
+def check_in_pool(item_id: int) -> None:
+    """404 for an id past the pool's end (before it reaches SQLite, whose integers stop at 2**63)."""
+    if item_id >= annotator_state().dataset.train_images.shape[0]:
+        abort(404, f"item {item_id} is in no batch")
+
+
 def json_body() -> dict:
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # json's decoder recurses per nesting level: `[[[[...` within the size limit
+        abort(400, "the JSON body is nested too deeply")
     if not isinstance(body, dict):
         abort(400, "send a JSON object (Content-Type: application/json)")
     return body
@@ -128,15 +138,20 @@ def annotate():
 @bp.post("/annotations/bulk")
 @require_user()
 def annotate_many():
-    """Grid mode: one label for many items, each answer in its own transaction (an unknown or
-    closed item stops the request; the answers before it stay recorded, and repeating is harmless)."""
+    """Grid mode: one label for many items in one transaction: an unknown or closed item answers
+    404/409 and records none of them."""
     body = json_body()
     item_ids = body.get("item_ids")
     if not isinstance(item_ids, list) or not 1 <= len(item_ids) <= MAX_TASKS:
         abort(400, f"'item_ids' must be a list of 1 to {MAX_TASKS} item ids")
     item_ids = [parse_item_id(item) for item in item_ids]
     label = parse_label(body)
-    outcomes = [record(item_id, label, None) for item_id in dict.fromkeys(item_ids)]
+    try:
+        outcomes = get_db().record_answers(current_user().id, list(dict.fromkeys(item_ids)), label)
+    except NotFound as error:
+        abort(404, str(error))
+    except Conflict as error:
+        abort(409, str(error))
     annotator_state().notify_engine()
     return jsonify(item_ids=list(dict.fromkeys(item_ids)), label=label, outcomes=outcomes), 201
 
@@ -145,6 +160,7 @@ def annotate_many():
 @require_user()
 def undo(item_id: int):
     """Undo: withdraw my answer to an item of the open batch; the item is leased back to me."""
+    check_in_pool(item_id)
     try:
         get_db().undo_answer(current_user().id, item_id)
     except NotFound as error:
@@ -158,7 +174,8 @@ def undo(item_id: int):
 @require_user()
 def item_image(item_id: int):
     state = annotator_state()
-    if item_id >= state.dataset.train_images.shape[0] or not get_db().item_in_batches(item_id):
+    check_in_pool(item_id)
+    if not get_db().item_in_batches(item_id):
         abort(404, f"item {item_id} is in no batch")
     response = Response(item_png(state.image_cache, state.dataset.train_images, item_id), mimetype="image/png")
     response.headers["Cache-Control"] = "private, max-age=86400"

@@ -411,32 +411,42 @@ class AnnotationDB:
     def record_answer(self, user_id: int, item_id: int, label: int, time_taken_ms: int | None = None) -> str:
         """Store an answer before returning: 'created', 'unchanged' (same answer again) or 'replaced'
         (a different answer from the same annotator). Raises NotFound / Conflict."""
+        with self.transaction():
+            return self._record_answer(user_id, item_id, label, time_taken_ms, _now())
+
+    def record_answers(self, user_id: int, item_ids: list[int], label: int) -> list[str]:
+        """Grid mode: one label for many items in one transaction, all or nothing (an unknown or
+        closed item raises NotFound / Conflict and records none of them)."""
         now = _now()
         with self.transaction():
-            batch = self.db.execute(
-                "select b.round, b.strategy, b.score, b.model_version, r.state from batch_items b "
-                "join rounds r on r.round = b.round where b.item_id = ? order by b.round desc limit 1",
-                [item_id]).fetchone()
-            if batch is None:
-                raise NotFound(f"item {item_id} is in no batch")
-            round_index, strategy, score, model_version, state = batch
-            if state != "labeling":
-                raise Conflict(f"item {item_id} belongs to round {round_index}, which is closed")
-            existing = self.db.execute("select id, label from answers where item_id = ? and annotator_id = ? "
-                                       "and round = ?", [item_id, user_id, round_index]).fetchone()
-            if existing is not None and existing[1] == label:
-                outcome = "unchanged"
-            elif existing is not None:
-                self.db.execute("update answers set label = ?, time_taken_ms = ?, updated = ? where id = ?",
-                                [label, time_taken_ms, now, existing[0]])
-                outcome = "replaced"
-            else:
-                self.db.execute(
-                    "insert into answers(item_id, annotator_id, round, label, time_taken_ms, created, updated, "
-                    "strategy, score, model_version) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [item_id, user_id, round_index, label, time_taken_ms, now, now, strategy, score, model_version])
-                outcome = "created"
-            self.db.execute("delete from leases where item_id = ?", [item_id])
+            return [self._record_answer(user_id, item_id, label, None, now) for item_id in item_ids]
+
+    def _record_answer(self, user_id: int, item_id: int, label: int, time_taken_ms: int | None, now: float) -> str:
+        """One answer, inside the caller's transaction."""
+        batch = self.db.execute(
+            "select b.round, b.strategy, b.score, b.model_version, r.state from batch_items b "
+            "join rounds r on r.round = b.round where b.item_id = ? order by b.round desc limit 1",
+            [item_id]).fetchone()
+        if batch is None:
+            raise NotFound(f"item {item_id} is in no batch")
+        round_index, strategy, score, model_version, state = batch
+        if state != "labeling":
+            raise Conflict(f"item {item_id} belongs to round {round_index}, which is closed")
+        existing = self.db.execute("select id, label from answers where item_id = ? and annotator_id = ? "
+                                   "and round = ?", [item_id, user_id, round_index]).fetchone()
+        if existing is not None and existing[1] == label:
+            outcome = "unchanged"
+        elif existing is not None:
+            self.db.execute("update answers set label = ?, time_taken_ms = ?, updated = ? where id = ?",
+                            [label, time_taken_ms, now, existing[0]])
+            outcome = "replaced"
+        else:
+            self.db.execute(
+                "insert into answers(item_id, annotator_id, round, label, time_taken_ms, created, updated, "
+                "strategy, score, model_version) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [item_id, user_id, round_index, label, time_taken_ms, now, now, strategy, score, model_version])
+            outcome = "created"
+        self.db.execute("delete from leases where item_id = ?", [item_id])
         return outcome
 
     def undo_answer(self, user_id: int, item_id: int) -> None:

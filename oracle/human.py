@@ -16,6 +16,8 @@ and continues from there (`EngineDriver.step`).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,16 @@ from annotator.db import SKIP, AnnotationDB
 log = logging.getLogger(__name__)
 
 STATES = ("starting", "training", "querying", "waiting", "finished", "error", "stopped")
+
+# Tests only: set to "train" (after the first epoch), "query" (after the strategy ran, before the
+# batch is stored) or "posted" (after the next batch is stored) to SIGKILL the server process there.
+CRASH_ENV = "ANNOTATOR_CRASH_AT"
+
+
+def crash_point(stage: str) -> None:
+    """Die like a killed process (no cleanup, no flush) if the crash test asked for this stage."""
+    if os.environ.get(CRASH_ENV) == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class EngineStopped(Exception):
@@ -116,6 +128,7 @@ class EngineDriver:
     def _on_epoch_end(self, epoch: int, loss: float) -> None:
         if self.stop_requested.is_set():
             raise EngineStopped()
+        crash_point("train")
         cap = max(self.engine.train_config.max_epochs, 1)
         self.status.set("training", min((epoch + 1) / cap, 1.0), f"epoch {epoch + 1}, loss {loss:.3f}", self._round)
 
@@ -178,8 +191,10 @@ class EngineDriver:
                 indices, scores, query_s = self.engine.query(round_index, size)
                 strategy = self.config.strategy
             next_batch = self.oracle.batch_record(indices, scores, strategy, round_index + 1)
+            crash_point("query")
         self.db.record_training(round_index, labeled, accuracy, round(train_s, 3), round(query_s, 3), epochs,
                                 next_batch)
+        crash_point("posted")
         state = "waiting" if next_batch else "finished"
         self.status.set(state, 0.0 if next_batch else 1.0,
                         f"round {round_index + 1} posted" if next_batch else "last round trained", round_index + 1
