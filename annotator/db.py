@@ -40,6 +40,7 @@ SKIP = -1  # the label an answer carries when the annotator skipped the item
 LEASE_SECONDS = 600  # an item stays with one annotator this long (10 minutes) unless answered
 ROLES = ("annotator", "admin")
 OWNER = "owner"  # the built-in admin whose token is printed at start-up
+BUSY_TIMEOUT_S = 10.0  # seconds a connection waits for another process's lock before giving up
 
 
 class AnnotatorDBError(UserError):
@@ -131,12 +132,13 @@ MIGRATIONS = {1: _migrate_to_1}
 class AnnotationDB:
     """One connection to the annotator database; open one per thread (per request, per worker)."""
 
-    def __init__(self, path: str | Path, timeout: float = 10.0, setup: bool = True):
+    def __init__(self, path: str | Path, timeout: float | None = None, setup: bool = True):
         """`setup=False` skips WAL set-up and migrations: for per-request connections of an app
         that already did both at start-up."""
         self.path = str(path)
         try:
-            connection = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
+            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S if timeout is None else timeout,
+                                         isolation_level=None,
                                          check_same_thread=False)
             self.db = sqlite_utils.Database(connection)
             if setup:

@@ -73,6 +73,16 @@ def _safe_folder_name(name: str) -> str:
     return cleaned or "class"
 
 
+def _source_file(data_dir: str | None, file_name: str | None) -> Path | None:
+    """The item's original file, only if it lies inside the dataset folder (the database's file names
+    are never trusted to point elsewhere: `../../secret` is not copied)."""
+    if not file_name or not data_dir:
+        return None
+    root = Path(data_dir).resolve()
+    source = (root / file_name).resolve()
+    return source if source.is_relative_to(root) and source.is_file() else None
+
+
 def write_imagefolder(db_path: str, out: Path, dataset=None, data_dir: str | None = None) -> int:
     """One folder per class holding each labeled item once (its latest answer). Original files are
     copied when the dataset came from an image folder, otherwise PNGs are encoded from the pool.
@@ -94,9 +104,8 @@ def write_imagefolder(db_path: str, out: Path, dataset=None, data_dir: str | Non
             (tmp / folder).mkdir()
         for row in db.iter_export(classes, latest_only=True):
             target_dir = tmp / folders[row["label_index"]]
-            file_name = row["file_name"]
-            if file_name and data_dir and (Path(data_dir) / file_name).is_file():
-                source = Path(data_dir) / file_name
+            source = _source_file(data_dir, row["file_name"])
+            if source is not None:
                 shutil.copyfile(source, target_dir / f"{row['item']}_{_safe_folder_name(source.name)}")
             elif dataset is not None:
                 (target_dir / f"{row['item']}.png").write_bytes(image_to_png(dataset.train_images[row["item"]], 0))
