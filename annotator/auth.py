@@ -11,7 +11,7 @@ import functools
 import hmac
 import secrets
 
-from flask import Blueprint, abort, g, redirect, request, session, url_for
+from flask import Blueprint, abort, redirect, request, session, url_for
 
 from . import get_db, wants_json
 from .db import User
@@ -25,10 +25,15 @@ def _token_tag(user: User) -> str:
     return (user.token_hash or "")[:16]
 
 
+AUTH_KEY = "annotator.auth"  # (user, method) cached on the request itself, not on `g`: an app
+# context can outlive its request (a streamed export keeps it pushed), and a later request reusing it
+# must not inherit the previous request's user
+
+
 def current_user() -> User | None:
     """The user of this request (Bearer header first, then the session cookie), or None."""
-    if "user" in g:
-        return g.user
+    if AUTH_KEY in request.environ:
+        return request.environ[AUTH_KEY][0]
     user, method = None, None
     header = request.headers.get("Authorization", "")
     if header:
@@ -39,8 +44,13 @@ def current_user() -> User | None:
         candidate = get_db().user_by_id(session["user_id"])
         if candidate is not None and hmac.compare_digest(session.get("token_tag", ""), _token_tag(candidate)):
             user, method = candidate, "session"
-    g.user, g.auth_method = user, method
+    request.environ[AUTH_KEY] = (user, method)
     return user
+
+
+def auth_method() -> str | None:
+    current_user()
+    return request.environ[AUTH_KEY][1]
 
 
 def sign_in(token: str) -> User | None:
@@ -51,7 +61,7 @@ def sign_in(token: str) -> User | None:
     session["user_id"] = user.id
     session["token_tag"] = _token_tag(user)
     session["csrf"] = secrets.token_urlsafe(24)
-    g.user, g.auth_method = user, "session"
+    request.environ[AUTH_KEY] = (user, "session")
     return user
 
 
@@ -62,7 +72,7 @@ def csrf_token() -> str:
 
 
 def check_csrf() -> None:
-    if request.method not in UNSAFE_METHODS or g.get("auth_method") != "session":
+    if request.method not in UNSAFE_METHODS or auth_method() != "session":
         return
     sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token") or ""
     if not sent or not hmac.compare_digest(sent, session.get("csrf", "")):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -276,11 +277,17 @@ class AnnotationDB:
             "left join answers a on a.annotator_id = u.id and a.label >= 0 group by u.id order by u.id"))
 
     def user_for_token(self, token: str) -> User | None:
+        """The user holding this token. Found through the index on the token's SHA-256 (a lookup's
+        timing can only reveal bits of a hash, which do not lead back to the token), then confirmed
+        with a constant-time comparison."""
         if not token:
             return None
+        presented = hash_token(token)
         row = self.db.execute("select id, name, role, token_hash from users where token_hash = ?",
-                              [hash_token(token)]).fetchone()
-        return User(*row) if row else None
+                              [presented]).fetchone()
+        if row is None or not hmac.compare_digest(row[3], presented):
+            return None
+        return User(*row)
 
     def user_by_id(self, user_id: int) -> User | None:
         row = self.db.execute("select id, name, role, token_hash from users where id = ?", [user_id]).fetchone()
