@@ -340,10 +340,13 @@ class AnnotationDB:
             return True
 
     def record_training(self, round_index: int, labeled: int, accuracy: float | None, train_s: float,
-                        query_s: float, epochs: int, next_batch: dict | None) -> None:
+                        query_s: float, epochs: int, next_batch: dict | None, engine_state: str | None = None) -> None:
         """Store the metrics of the model trained on rounds <= round_index, and post the next batch
-        in the same transaction (or mark the run finished when there is none)."""
+        in the same transaction (or mark the run finished when there is none), with the engine's
+        cross-round state (JSON text: strategy state, warm-start weights) that a restart restores."""
         with self.transaction():
+            if engine_state is not None:
+                self._set_meta("engine_state", engine_state)
             self.db.execute("update rounds set state = 'trained', labeled = ?, accuracy = ?, train_s = ?, "
                             "query_s = ?, epochs = ?, trained = ? where round = ?",
                             [labeled, accuracy, train_s, query_s, epochs, _now(), round_index])

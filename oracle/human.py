@@ -15,6 +15,9 @@ and continues from there (`EngineDriver.step`).
 """
 from __future__ import annotations
 
+import base64
+import io
+import json
 import logging
 import os
 import signal
@@ -23,9 +26,11 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from al_engine.data import Dataset, Pool
 from al_engine.loop import Engine
+from al_engine.models import build_model
 from annotator.db import SKIP, AnnotationDB
 
 log = logging.getLogger(__name__)
@@ -120,6 +125,7 @@ class EngineDriver:
         self.engine.on_epoch_end = self._on_epoch_end
         self.stop_requested = threading.Event()
         self._round = 0
+        self.restore_engine_state()
 
     @property
     def config(self):
@@ -164,6 +170,30 @@ class EngineDriver:
         self.train_and_query(round_index)
         return True
 
+    def engine_state(self) -> str:
+        """What the engine carries from one round to the next besides the answers: the strategy's
+        state (e.g. RND's predictor) and, with --warm-start, the model's weights (base64 of torch.save)."""
+        state = {"strategy": self.engine.strategy.state_dict()}
+        if self.engine.train_config.warm_start and self.engine.model is not None:
+            buffer = io.BytesIO()
+            torch.save({k: v.detach().cpu() for k, v in self.engine.model.state_dict().items()}, buffer)
+            state["model"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+        return json.dumps(state)
+
+    def restore_engine_state(self) -> None:
+        """After a restart: the state stored with the last trained round, as if the server had never stopped."""
+        stored = self.db.get_meta("engine_state")
+        if stored is None:
+            return
+        state = json.loads(stored)
+        self.engine.strategy.load_state_dict(state.get("strategy", {}))
+        if "model" in state and self.engine.train_config.warm_start:
+            weights = torch.load(io.BytesIO(base64.b64decode(state["model"])), map_location="cpu", weights_only=True)
+            dataset = self.engine.dataset
+            model = build_model(self.config.model, dataset.image_shape, dataset.num_classes, self.config.embed_dim)
+            model.load_state_dict(weights)
+            self.engine.model = model.to(self.engine.device)
+
     def rebuild_pool(self, round_index: int) -> None:
         items, labels, rounds = self.db.training_answers(round_index)
         self.engine.pool = Pool.from_dict({"size": self.engine.pool.size, "indices": items, "labels": labels,
@@ -193,7 +223,7 @@ class EngineDriver:
             next_batch = self.oracle.batch_record(indices, scores, strategy, round_index + 1)
             crash_point("query")
         self.db.record_training(round_index, labeled, accuracy, round(train_s, 3), round(query_s, 3), epochs,
-                                next_batch)
+                                next_batch, engine_state=self.engine_state())
         crash_point("posted")
         state = "waiting" if next_batch else "finished"
         self.status.set(state, 0.0 if next_batch else 1.0,

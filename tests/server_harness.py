@@ -85,6 +85,7 @@ def launcher_loop() -> None:
     from al_engine.strategies import strategy_names
 
     dataset_names(), strategy_names()  # registries discovered once, before forking
+    import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: about 2 s per server otherwise)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed children are reaped by the kernel
     print("ready", flush=True)
     for line in sys.stdin:

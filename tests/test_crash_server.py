@@ -17,7 +17,7 @@ CYCLES = 20  # kill/restart cycles in the test (bounded: about 3 s each on two c
 
 
 def test_killing_the_server_twenty_times_keeps_every_acknowledged_answer(tmp_path):
-    report = crash_cycles(tmp_path, cycles=CYCLES, annotators=4, kill_after_s=(0.1, 2.0))
+    report = crash_cycles(tmp_path, cycles=CYCLES, annotators=4, kill_after_s=(0.05, 1.5))
     print(json.dumps({k: v for k, v in report.items() if k != "problems"}))
     assert report["problems"] == []
     assert report["cycles_with_all_acked_kept"] == CYCLES
@@ -102,3 +102,44 @@ def test_engine_killed_mid_round_restarts_it_and_posts_the_batch_once(stage, lau
         round_1 = [item for round_index, item, _ in resumed["batches"] if round_index == 1]
         assert round_1 == uninterrupted_round_1  # the same seeded training and query as without a crash
         assert sorted(resumed["answers"]) == sorted(crashed["answers"])
+
+
+def test_a_restart_keeps_the_strategy_state_and_the_warm_start_model(tmp_path, digits):
+    """RND's predictor (fine-tuned across rounds) and --warm-start's weights are stored with each trained
+    round: a run restarted between rounds posts the same next batch as one that never stopped."""
+    import torch
+
+    from al_engine.loop import RunConfig
+    from annotator import create_app
+
+    config = RunConfig(dataset="digits", strategy="rnd", strategy_options={"epochs": 1}, warm_start=True,
+                       initial=10, query_size=5, rounds=3, epochs=1, seed=0, device="cpu")
+
+    def start(db):
+        return create_app({"DATABASE": str(db), "RUN_CONFIG": config, "DATASET": digits, "ADMIN_TOKEN": TOKEN})
+
+    def answer_open_round(app):
+        client = app.test_client()
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        while (response := client.get("/api/tasks/next", headers=headers)).status_code == 200:
+            item = response.get_json()["item_id"]
+            label = int(digits.train_labels[item])
+            assert client.post("/api/annotations", json={"item_id": item, "label": label}, headers=headers).status_code == 201
+        app.extensions["annotator"].driver.run_until_idle()
+
+    batches = {}
+    for name, restart in (("uninterrupted", False), ("restarted", True)):
+        db = tmp_path / f"{name}.db"
+        app = start(db)
+        answer_open_round(app)  # round 0 -> model 1, RND predictor trained once, round 1 posted
+        if restart:
+            trained = app.extensions["annotator"].driver.engine
+            app = start(db)  # a new process would do exactly this: a fresh Engine and driver on the same database
+            restored = app.extensions["annotator"].driver.engine
+            assert restored.strategy.state_dict() == trained.strategy.state_dict()
+            assert all(torch.equal(a, b) for a, b in zip(restored.model.state_dict().values(),
+                                                          trained.model.state_dict().values()))
+        answer_open_round(app)  # round 1 -> warm-started model 2, predictor fine-tuned again, round 2 posted
+        batches[name] = [item for r, item, _ in read_db(db)["batches"] if r == 2]
+    assert len(batches["uninterrupted"]) == 5
+    assert batches["restarted"] == batches["uninterrupted"]
