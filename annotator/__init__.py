@@ -105,6 +105,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["annotator"] = state
 
     app.teardown_appcontext(close_db)
+    app.after_request(security_headers)
     register_error_handlers(app)
 
     from . import admin, api, auth, pages
@@ -133,6 +134,20 @@ def close_db(_error=None) -> None:
     db = g.pop("db", None)
     if db is not None:
         db.close()
+
+
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",  # no other site may frame the labeling page and steer clicks into answers
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",  # a PNG or CSV is never run as a script
+    "Referrer-Policy": "same-origin",
+}
+
+
+def security_headers(response):
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
 
 
 def wants_json() -> bool:

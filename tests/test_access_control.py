@@ -189,3 +189,12 @@ def test_the_session_cookie_is_httponly_and_samesite(app):
     assert cookie.startswith("annotator_session=")
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
     assert TOKEN not in cookie  # the cookie holds a signed user id, never the token
+
+
+def test_every_response_forbids_framing_and_mime_sniffing(app):
+    client = app.test_client()
+    for response in (client.get("/"), client.get(f"/?token={TOKEN}"), client.get("/dashboard"),
+                     client.get("/api/status", headers=ADMIN), client.get("/static/style.css")):
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
