@@ -162,6 +162,11 @@ def worker(args) -> None:
     model.load_state_dict(torch.load(args.model_path, weights_only=True))
     model.eval()
     state = QueryState(model=model, dataset=dataset, pool=pool, device=torch.device("cpu"), seed=args.seed)
+    # A plain forward pass over the same pool, moments before the query, in the same process: the machine's
+    # load changes from minute to minute, so ratios to this pass are what compares across entries.
+    started = time.perf_counter()
+    predict_proba(model, dataset, state.unlabeled_indices, state.device, state.train_config.eval_batch_size)
+    forward_pass_s = time.perf_counter() - started
     before = reset_peak_rss()
     started = time.perf_counter()
     record = {"strategy": args.worker}
@@ -169,10 +174,14 @@ def worker(args) -> None:
         record.update(run_reference(args.worker, state, args))
     else:
         options = dict(option.split("=", 1) for option in args.option)
-        indices, scores = get_strategy(args.worker, **options).query(state, args.query_size)
+        strategy = get_strategy(args.worker, **options)
+        indices, scores = strategy.query(state, args.query_size)
+        record.update(getattr(strategy, "report", {}))  # what a strategy says about its own run (coreset's solves)
         record.update({"picked": len(indices), "labeled_picked": int(np.isin(indices, pool.labeled_indices).sum())})
     record["seconds"] = round(time.perf_counter() - started, 3)
     record["peak_extra_mib"] = round(peak_rss_mib() - before, 1)
+    record["forward_pass_s"] = round(forward_pass_s, 3)
+    record["x_forward_pass"] = round(record.get("extrapolated_s", record["seconds"]) / forward_pass_s, 2)
     record.update({"unlabeled": len(state.unlabeled_indices), "labeled": len(state.labeled_indices),
                    "threads": torch.get_num_threads()})
     print(json.dumps(record), flush=True)

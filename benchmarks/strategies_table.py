@@ -1,9 +1,9 @@
 """Turn the JSON lines of benchmarks/strategies.py into the markdown table of docs/strategies.md.
 
 Usage: python benchmarks/strategies_table.py RESULTS.jsonl
-Ratios are taken within the run (same model, same machine, same moment): plain uncertainty against one
-forward pass, the dropout strategies against T full forward passes, the attacks against the per-image
-reference attack extrapolated to the pool.
+Every entry also timed one plain forward pass over the pool in its own process moments before its query
+(`forward_pass_s`); the machine's load changes from minute to minute, so costs are compared in units of
+that pass (`x_forward_pass`), and a speed-up is the reference's cost over the strategy's, both in those units.
 """
 from __future__ import annotations
 
@@ -29,25 +29,25 @@ def main(path: str) -> None:
     setup = next((r for r in records if "setup" in r), {})
     print(f"Setup: {setup.get('setup', '?')}, test accuracy {setup.get('test_accuracy', '?')}, "
           f"{setup.get('cpu_threads', '?')} CPU threads.\n")
-    print("| strategy | wall s | peak extra MiB | reference (same run) | reference s | speed-up | load avg |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print("| strategy | wall s | forward pass s (same process) | cost in forward passes | peak extra MiB "
+          "| reference (same run) | reference, forward passes | speed-up |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|")
     for name, record in by_name.items():
         if "error" in record:
-            print(f"| {name} | error: {record['error']} | | | | | |")
+            print(f"| {name} | error: {record['error']} | | | | | | |")
             continue
         seconds = record.get("extrapolated_s", record["seconds"])
         label = f"{seconds:.1f}" + (f" (extrapolated from {record['sample']} images)" if "sample" in record else "")
-        reference, ratio, ref_s = "", "", ""
+        cost = record.get("x_forward_pass")
+        reference, ref_cost, ratio = "", "", ""
         if name in REFERENCE_OF and REFERENCE_OF[name][0] in by_name:
             ref = by_name[REFERENCE_OF[name][0]]
-            ref_seconds = ref.get("extrapolated_s", ref.get("seconds"))
-            if ref_seconds:
-                reference, ref_s = REFERENCE_OF[name][1], f"{ref_seconds:.1f}"
-                ratio = f"{ref_seconds / seconds:.1f}x" if name not in ("least-confidence", "margin", "entropy") \
-                    else f"{seconds / ref_seconds:.2f}x of it"
-        print(f"| {name} | {label} | {record.get('peak_extra_mib', '')} | {reference} | {ref_s} | {ratio} | "
-              f"{record.get('load_average', '')} |")
-
+            reference = REFERENCE_OF[name][1]
+            ref_cost = ref.get("x_forward_pass", "")
+            if cost and ref_cost and name not in ("least-confidence", "margin", "entropy"):
+                ratio = f"{ref_cost / cost:.1f}x"
+        print(f"| {name} | {label} | {record.get('forward_pass_s', '')} | {cost or ''} | "
+              f"{record.get('peak_extra_mib', '')} | {reference} | {ref_cost} | {ratio} |")
 
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -55,11 +55,16 @@ def bim_attack(model, images: torch.Tensor, step_size: float, max_iter: int) -> 
     return AttackResult(distance, steps)
 
 
-def _logit_gradients(logits: torch.Tensor, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """(B, M, P) gradients of logits[b, classes[b, m]] with respect to image b (images are independent in eval mode)."""
+def _gap_gradients(logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
+                   classes: torch.Tensor) -> torch.Tensor:
+    """(B, M, P) gradients of logits[b, classes[b, m]] - logits[b, labels[b]] with respect to image b.
+
+    One vectorised backward pass for all M differences (images are independent in eval mode).
+    """
     count, chosen = classes.shape
     grad_outputs = torch.zeros(chosen, count, logits.shape[1], device=logits.device, dtype=logits.dtype)
-    grad_outputs.scatter_(2, classes.T.unsqueeze(2), 1.0)  # (M, B, C): one-hot of class m of each image
+    grad_outputs.scatter_(2, classes.T.unsqueeze(2), 1.0)  # (M, B, C): +1 at class m of each image
+    grad_outputs.scatter_(2, labels.view(1, count, 1).expand(chosen, count, 1), -1.0)  # -1 at its label
     try:
         gradients, = torch.autograd.grad(logits, inputs, grad_outputs, is_grads_batched=True)
     except RuntimeError:  # an operation without a batching rule: one backward pass per class
@@ -97,14 +102,13 @@ def deepfool_attack(model, images: torch.Tensor, overshoot: float, max_iter: int
             labels = original[active]
             others = logits.detach().scatter(1, labels.unsqueeze(1), float("-inf"))
             shortlist = logits.shape[1] - 1 if candidate_classes <= 0 else min(candidate_classes, logits.shape[1] - 1)
-            classes = torch.cat([labels.unsqueeze(1), others.topk(shortlist, dim=1).indices], dim=1)  # (B, 1 + M)
-            gradients = _logit_gradients(logits, inputs, classes)  # (B, 1 + M, P)
+            classes = others.topk(shortlist, dim=1).indices  # (B, M) the other classes, likeliest first
+            gradient_gap = _gap_gradients(logits, inputs, labels, classes)  # (B, M, P): w_k
         with torch.no_grad():
             keep = same.nonzero().flatten()
-            gradients, classes = gradients[keep], classes[keep]
-            picked = logits.detach()[keep].gather(1, classes)  # (B', 1 + M) logits of the label and the shortlist
-            logit_gap = picked[:, 1:] - picked[:, :1]  # (B', M): f_k
-            gradient_gap = gradients[:, 1:] - gradients[:, :1]  # (B', M, P): w_k
+            gradient_gap, classes, labels = gradient_gap[keep], classes[keep], labels[keep]
+            kept_logits = logits.detach()[keep]
+            logit_gap = kept_logits.gather(1, classes) - kept_logits.gather(1, labels.unsqueeze(1))  # (B', M): f_k
             ratio = logit_gap.abs() / gradient_gap.norm(dim=2).clamp_min(1e-12)
             nearest_class = ratio.argmin(dim=1)
             rows = torch.arange(len(keep), device=images.device)
