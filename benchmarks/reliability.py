@@ -32,6 +32,7 @@ def main() -> int:
     parser.add_argument("--mode", choices=["exec", "fork"], default="exec",
                         help="exec: a fresh `python app.py` per start; fork: from a warm launcher (as the tests)")
     parser.add_argument("--crash-annotators", type=int, default=4)
+    parser.add_argument("--think", type=float, default=0.05, help="seconds an annotator looks at an item")
     parser.add_argument("--items", type=int, default=25, help="answers per annotator in the load rounds")
     parser.add_argument("--annotators", default="8,32", help="concurrent annotators per load round")
     parser.add_argument("--skip-crash", action="store_true")
@@ -42,7 +43,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as work:
             started = time.perf_counter()
             report = crash_cycles(Path(work), cycles=args.cycles, annotators=args.crash_annotators, mode=args.mode,
-                                  kill_after_s=(0.05, 3.0))
+                                  kill_after_s=(0.05, 3.0), think_s=args.think)
             report["problems"] = report["problems"][:10]
             print(json.dumps({"bench": "crash_cycles", "seconds": round(time.perf_counter() - started, 1), **report}),
                   flush=True)

@@ -12,6 +12,7 @@ Scenarios (they return a report dict; the tests assert on it, the benchmark prin
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -54,6 +55,8 @@ def call(base: str, path: str, token: str, body=None, method: str | None = None,
         raw, status = error.read(), error.code
     except urllib.error.URLError as error:  # refused, reset: the server is gone
         raise ConnectionError(str(error.reason)) from None
+    except http.client.HTTPException as error:  # killed in the middle of a response
+        raise ConnectionError(f"{type(error).__name__}: {error}") from None
     try:
         return status, json.loads(raw) if raw else None
     except ValueError:
@@ -356,8 +359,9 @@ def annotate(base: str, user_id: int, token: str, tally: Tally, stop: threading.
 
 
 def run_annotators(base: str, users: list[tuple[int, str]], tally: Tally, stop: threading.Event,
-                   until_empty: bool = True) -> list[threading.Thread]:
-    threads = [threading.Thread(target=annotate, args=(base, user_id, token, tally, stop, until_empty), daemon=True)
+                   until_empty: bool = True, think_s: float = 0.0) -> list[threading.Thread]:
+    threads = [threading.Thread(target=annotate, args=(base, user_id, token, tally, stop, until_empty, think_s),
+                                daemon=True)
                for user_id, token in users]
     for thread in threads:
         thread.start()
@@ -381,9 +385,10 @@ def acknowledged_problems(tally: Tally, snapshot: dict) -> list[str]:
 
 
 def crash_cycles(work_dir: Path, cycles: int = 20, annotators: int = 4, mode: str = "fork", seed: int = 0,
-                 kill_after_s: tuple[float, float] = (0.2, 3.0), **settings) -> dict:
+                 kill_after_s: tuple[float, float] = (0.2, 3.0), think_s: float = 0.0, **settings) -> dict:
     """Start the server, let annotators answer, SIGKILL it after a random delay, check, restart on the
-    same database; `cycles` times. Returns a report with every problem found."""
+    same database; `cycles` times. Returns a report with every problem found. `think_s` (seconds between
+    seeing an item and answering it) stretches the labeling phase so kills land in it as well as in training."""
     rng = random.Random(seed)
     db = work_dir / "crash.db"
     users = add_annotators(db, annotators)
@@ -399,7 +404,7 @@ def crash_cycles(work_dir: Path, cycles: int = 20, annotators: int = 4, mode: st
                 problems.append(f"cycle {cycle}: killed in round {kills[-1]['round']} ({kills[-1]['state']}, "
                                 f"{kills[-1]['unanswered']} unanswered), resumed in round {status['round']}")
             stop = threading.Event()
-            threads = run_annotators(server.base, users, tally, stop, until_empty=False)
+            threads = run_annotators(server.base, users, tally, stop, until_empty=False, think_s=think_s)
             time.sleep(rng.uniform(*kill_after_s))
             server.process.kill()
             stop.set()
@@ -420,7 +425,7 @@ def crash_cycles(work_dir: Path, cycles: int = 20, annotators: int = 4, mode: st
     problems += round_invariants(snapshot, initial, query_size) + acknowledged_problems(tally, snapshot)
     stored_pairs = {(a, i) for a, i, _, _ in snapshot["answers"]}
     return {
-        "cycles": cycles, "mode": mode, "annotators": annotators,
+        "cycles": cycles, "mode": mode, "annotators": annotators, "think_s": think_s,
         "acknowledged": len(tally.acked), "stored": len(snapshot["answers"]),
         "stored_without_ack": len(stored_pairs - {(a, i) for a, i, _ in tally.acked}),
         "cycles_with_all_acked_kept": cycles - len({p.split(":")[0] for p in problems if p.startswith("cycle")}),

@@ -17,7 +17,7 @@ CYCLES = 20  # kill/restart cycles in the test (bounded: about 3 s each on two c
 
 
 def test_killing_the_server_twenty_times_keeps_every_acknowledged_answer(tmp_path):
-    report = crash_cycles(tmp_path, cycles=CYCLES, annotators=4, kill_after_s=(0.05, 1.5))
+    report = crash_cycles(tmp_path, cycles=CYCLES, annotators=4, kill_after_s=(0.05, 1.5), think_s=0.05)
     print(json.dumps({k: v for k, v in report.items() if k != "problems"}))
     assert report["problems"] == []
     assert report["cycles_with_all_acked_kept"] == CYCLES
@@ -25,6 +25,8 @@ def test_killing_the_server_twenty_times_keeps_every_acknowledged_answer(tmp_pat
     assert report["acknowledged"] >= 40  # the clients really answered between kills
     assert report["stored"] >= report["acknowledged"]
     assert report["rounds_reached"] >= 3  # the engine resumed and moved on after kills
+    assert report["killed_in_state"].get("labeling", 0) >= 2  # kills landed while answers were coming in...
+    assert report["killed_in_state"].get("closed", 0) >= 2  # ...and while the engine trained
 
 
 def answer_round(server, round_index: int) -> int:
