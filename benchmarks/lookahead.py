@@ -51,6 +51,20 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
+def sweep(state, round_, options, scales, common) -> None:
+    """Does SGD on one example work? The share of candidates whose steps help, per step scale."""
+    norms = round_.rule.lr / options.lr_scale  # lr = lr_scale / mean ||h~||^2
+    default = candidate_distances(state, round_, round_.candidates, options)
+    for scale in scales:
+        scaled = dataclasses.replace(round_, rule=StepRule(scale * norms, options.momentum, options.steps))
+        distances = candidate_distances(state, scaled, round_.candidates, options)
+        emit({"mode": "lr-sweep", "lr_scale": scale, "lr": scale * norms,
+              "helped_fraction": float(np.mean(distances < round_.baseline)),
+              "best_change": float(distances.min() - round_.baseline),
+              "median_change": float(np.median(distances) - round_.baseline),
+              "top100_overlap_with_default": overlap(distances, default), **common})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labeled", type=int, default=5000)
@@ -62,6 +76,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--distill-epochs", type=int, default=15, help="cap on distillation epochs (both losses)")
     parser.add_argument("--skip-distill-compare", action="store_true")
+    parser.add_argument("--sweep-lr-scale", default="", help="comma-separated lr_scale values: helped fraction "
+                        "and top-100 overlap with the default, last-layer closed form, then stop")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -93,6 +109,10 @@ def main() -> None:
               "mean_distance": feature_distance(student, model, dataset, evaluation, device),
               "mean_epochs": mean_result.epochs, "mean_s": round(mean_s, 1),
               "l2_epochs": round_.distill.epochs, **common})
+
+    if args.sweep_lr_scale:
+        sweep(state, round_, options, [float(v) for v in args.sweep_lr_scale.split(",")], common)
+        return
 
     rng = np.random.default_rng(args.seed)
     sample = np.sort(rng.choice(candidates, size=min(args.agreement, len(candidates)), replace=False))

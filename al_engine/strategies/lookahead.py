@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..seeding import round_seed
 from ..train import DistillConfig, TrainResult, distill_student, embed_pool, fresh_copy
 from . import register_strategy
-from .base import QueryState, Strategy
+from .base import QueryState, Strategy, top_k
 from .lookahead_exact import StepRule, batched_distances, exact_distances, exact_last_layer_distances
 from .lookahead_fast import (FixedPatternScorer, exact_distances_closed_form, is_certified, layer_matrix,
                              rank_one_coefficients, shortlist_positions, with_bias_column)
@@ -370,7 +370,5 @@ class Lookahead(Strategy):
                                 max_approximation_error=float(np.max(np.abs(exact[known] - approximate[known]))))
         scores = np.full(len(state.unlabeled_indices), -np.inf)
         scores[positions] = -distances
-        from .base import top_k
-
         picks = top_k(scores, k)
         return picks, scores[picks]

@@ -72,21 +72,26 @@ def trunk_jacobian_products(student, eval_images: torch.Tensor, directions: torc
     shapes = {name: p.shape for name, p in view.named_parameters()}
     params = {name: p.detach() for name, p in view.named_parameters() if name in set(trunk_names)}
 
-    def unflatten(vector):
-        out, offset = {}, 0
-        for name in trunk_names:
-            size = int(np.prod(shapes[name]))
-            out[name] = vector[offset:offset + size].view(shapes[name])
-            offset += size
-        return out
-
-    tangents = [unflatten(directions[:, r]) for r in range(directions.shape[1])]
+    tangents = dict(zip(trunk_names, _split_columns(directions, trunk_names, shapes)))  # each (R, *shape)
     out = []
     for start in range(0, len(eval_images), chunk_size):
         images = eval_images[start:start + chunk_size]
-        columns = [jvp(lambda p: _trunk_call(view, p, images), (params,), (tangent,))[1] for tangent in tangents]
-        out.append(torch.stack(columns, dim=2) if columns else images.new_zeros(len(images), 0, 0))
+
+        def along(tangent):
+            return jvp(lambda p: _trunk_call(view, p, images), (params,), (tangent,))[1]
+
+        out.append(vmap(along, out_dims=2)(tangents))  # (c, d_in, R): all directions in one vectorised pass
     return torch.cat(out)
+
+
+def _split_columns(directions: torch.Tensor, names: list[str], shapes: dict) -> list[torch.Tensor]:
+    """(P, R) -> per parameter (R, *shape): the R directions, cut along the flattened trunk parameters."""
+    out, offset = [], 0
+    for name in names:
+        size = int(np.prod(shapes[name]))
+        out.append(directions[offset:offset + size].T.reshape(directions.shape[1], *shapes[name]))
+        offset += size
+    return out
 
 
 class _TrunkView(torch.nn.Module):
@@ -150,7 +155,7 @@ def full_fast_distances(state, round_, indices: np.ndarray, options) -> np.ndarr
         sample_images = _images(state, sample_indices).clone()
         sample_targets = embed_pool(state.model, state.dataset, sample_indices, state.device, batch).clone()
         _, sample_trunk, trunk_names = candidate_updates(student, sample_images, sample_targets, round_.rule,
-                                                         options.chunk_size * 4)
+                                                         options.chunk_size * 16)
         directions = principal_directions(sample_trunk, options.trunk_rank)
         weight = problem["weight"][:, :-1]  # (D, d_in)
         if directions.shape[1]:
@@ -168,7 +173,7 @@ def full_fast_distances(state, round_, indices: np.ndarray, options) -> np.ndarr
         part = indices[start:start + batch]
         images = _images(state, part).clone()
         targets = embed_pool(state.model, state.dataset, part, state.device, batch).clone()
-        layer_change, trunk_change, _ = candidate_updates(student, images, targets, round_.rule, options.chunk_size * 4)
+        layer_change, trunk_change, _ = candidate_updates(student, images, targets, round_.rule, options.chunk_size * 16)
         own = inputs[start:start + batch]
         coefficients.append(-(layer_change @ own[:, :, None]).squeeze(2) / own.pow(2).sum(1)[:, None])
         alphas.append(trunk_change @ directions)
