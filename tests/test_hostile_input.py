@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -277,6 +277,31 @@ def test_any_answer_body_is_201_or_a_clean_4xx(ctx, item_id, label, extra):
         assert response.status_code in ERROR_CODES
         assert_clean_error(response, "/api/")
         assert stored(ctx["db"]) == before
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(item_ids=JSON_VALUES | st.lists(st.integers(-2, 2000) | JSON_VALUES, max_size=60), label=JSON_VALUES)
+def test_any_bulk_body_is_201_or_a_clean_4xx_that_stores_nothing(ctx, item_ids, label):
+    before = stored(ctx["db"])
+    response = ctx["client"].post("/api/annotations/bulk", data=json.dumps({"item_ids": item_ids, "label": label}),
+                                  content_type="application/json", headers=ADMIN)
+    if response.status_code == 201:
+        assert isinstance(item_ids, list) and set(item_ids) <= set(ctx["batch"])
+    else:
+        assert response.status_code in ERROR_CODES
+        assert_clean_error(response, "/api/")
+        assert stored(ctx["db"]) == before  # all or nothing: no answer of a refused bulk request is kept
+
+
+@settings(max_examples=40, deadline=None)
+@given(item=st.integers(min_value=-(2**70), max_value=2**70) | st.text(max_size=12))
+def test_any_undo_or_image_id_is_handled(ctx, item):
+    assume(item not in ctx["batch"])  # a real undo is not hostile (and would change the other rows' state)
+    for method, path in (("DELETE", f"/api/annotations/{item}"), ("GET", f"/api/items/{item}/image.png")):
+        response = ctx["client"].open(path, method=method, headers=ADMIN)
+        assert response.status_code < 500, path
+        if response.status_code >= 400:
+            assert_clean_error(response, "/api/")
 
 
 @settings(max_examples=60, deadline=None)
