@@ -121,6 +121,7 @@ class Launcher:
     def __init__(self, mode: str = "fork"):
         self.mode = mode
         self.process = None
+        self.started: list[ServerProcess] = []  # killed on close, so a failing test leaves no server behind
         if mode == "fork":
             self.process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--launcher"], cwd=ROOT,
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -131,14 +132,20 @@ class Launcher:
         if self.mode == "fork":
             self.process.stdin.write(json.dumps({"argv": argv, "env": env or {}, "log": str(log)}) + "\n")
             self.process.stdin.flush()
-            return ServerProcess(pid=int(self.process.stdout.readline()), log=log)
+            server = ServerProcess(pid=int(self.process.stdout.readline()), log=log)
+            self.started.append(server)
+            return server
         handle = open(log, "ab")
         popen = subprocess.Popen([sys.executable, "app.py", *argv], cwd=ROOT, stdout=handle, stderr=handle,
                                  stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         handle.close()
-        return ServerProcess(pid=popen.pid, log=log, popen=popen)
+        self.started.append(ServerProcess(pid=popen.pid, log=log, popen=popen))
+        return self.started[-1]
 
     def close(self) -> None:
+        for server in self.started:
+            server.kill()
+        self.started.clear()
         if self.process is not None:
             self.process.stdin.close()
             self.process.wait(timeout=30)
@@ -156,8 +163,11 @@ class ServerProcess:
     pid: int
     log: Path
     popen: subprocess.Popen | None = None
+    gone: bool = False  # seen dead: never signal this pid again (it could be reused by another process)
 
     def alive(self) -> bool:
+        if self.gone:
+            return False
         if self.popen is not None:
             return self.popen.poll() is None
         try:
@@ -178,10 +188,12 @@ class ServerProcess:
             if self.popen is not None:
                 try:
                     self.popen.wait(timeout=0.05)
+                    self.gone = True
                     return True
                 except subprocess.TimeoutExpired:
                     continue
             if not self.alive():
+                self.gone = True
                 return True
             time.sleep(0.05)
         return False
