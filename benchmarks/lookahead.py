@@ -75,6 +75,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--distill-epochs", type=int, default=15, help="cap on distillation epochs (both losses)")
+    parser.add_argument("--lr-scale", type=float, default=LookaheadOptions.lr_scale, help="the auto step's scale")
+    parser.add_argument("--fast-sample-only", action="store_true",
+                        help="score full-fast on the agreement sample only (no timed full-fast round)")
     parser.add_argument("--skip-distill-compare", action="store_true")
     parser.add_argument("--sweep-lr-scale", default="", help="comma-separated lr_scale values: helped fraction "
                         "and top-100 overlap with the default, last-layer closed form, then stop")
@@ -94,7 +97,7 @@ def main() -> None:
     common = {"labeled": args.labeled, "threads": torch.get_num_threads(), "device": str(device),
               "note": "CPU shared with other jobs; timings under load"}
 
-    options = LookaheadOptions(mode="last-layer", distill_epochs=args.distill_epochs)
+    options = LookaheadOptions(mode="last-layer", distill_epochs=args.distill_epochs, lr_scale=args.lr_scale)
     round_, prepare_s = timed(prepare_round, state, options)
     candidates, evaluation = round_.candidates, round_.evaluation
     emit({"mode": "setup", "classifier_train_s": round(train_s, 1), "prepare_s": round(prepare_s, 1),
@@ -145,7 +148,7 @@ def main() -> None:
           "helped_fraction_round": float(np.mean(distances < baseline)), **common})
 
     # Full network: the exact loop on a few hundred candidates, full-fast on all, batched beside exact.
-    full_options = LookaheadOptions(mode="exact")
+    full_options = LookaheadOptions(mode="exact", lr_scale=args.lr_scale)
     full_round = dataclasses.replace(round_, cache={}, rule=StepRule(
         auto_step(round_.student, state, lambda idx: embed_pool(model, dataset, idx, device), full_options),
         options.momentum, options.steps))
@@ -156,17 +159,18 @@ def main() -> None:
           "timed_candidates": len(full_sample), "lr": full_round.rule.lr, "baseline_distance": baseline,
           "helped_fraction": float(np.mean(exact_full < baseline)), **common})
 
-    fast_options = LookaheadOptions(mode="full-fast")
-    fast_all, fast_round_s = timed(candidate_distances, state, full_round, candidates, fast_options)
-    position = np.searchsorted(candidates, full_sample)
-    fast_sample = fast_all[position]
+    fast_options = LookaheadOptions(mode="full-fast", lr_scale=args.lr_scale)
+    fast_set = full_sample if args.fast_sample_only else candidates
+    fast_all, fast_round_s = timed(candidate_distances, state, full_round, fast_set, fast_options)
+    fast_sample = fast_all[np.searchsorted(fast_set, full_sample)]
     last_layer_sample = distances[np.searchsorted(candidates, full_sample)]
-    emit({"mode": "full-fast", "round_s": round(fast_round_s, 2), "candidates": len(candidates),
+    emit({"mode": "full-fast", "round_s": round(fast_round_s, 2), "candidates": len(fast_set),
           "reference": "exact (full network)", "agreement_candidates": len(full_sample),
           "spearman": float(spearmanr(fast_sample, exact_full)[0]),
           "top10_overlap": overlap(fast_sample, exact_full, 10), "top20_overlap": overlap(fast_sample, exact_full, 20),
           "spearman_last_layer_vs_full_exact": float(spearmanr(last_layer_sample, exact_full)[0]),
-          "trunk_rank": fast_options.trunk_rank, "helped_fraction_round": float(np.mean(fast_all < baseline)),
+          "trunk_rank": fast_options.trunk_rank, "helped_fraction": float(np.mean(fast_all < baseline)),
+          "exact_top10_in_fast_top20": len(set(np.argsort(exact_full)[:10]) & set(np.argsort(fast_sample)[:20])) / 10,
           **common})
 
     rank0 = dataclasses.replace(fast_options, trunk_rank=0)

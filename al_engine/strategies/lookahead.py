@@ -43,7 +43,7 @@ class LookaheadOptions:
     last_layer: bool = False  # exact/batched: update only the student's feature layer
     steps: int = 2  # SGD steps on each candidate alone
     lr: float = 0.0  # student SGD step size; 0 = auto: lr_scale / (typical squared input norm, below)
-    lr_scale: float = 0.25  # auto step: fraction of a candidate's feature error one step removes per unit
+    lr_scale: float = 0.05  # auto step: one step removes 2 * lr_scale of a typical candidate's feature error
     momentum: float = 0.0  # SGD momentum of the student's steps
     eval_fraction: float = 0.2  # share of the unlabeled pool held out for evaluation, redrawn each round
     eval_size: int = 0  # evaluate on a random subsample of this many evaluation items (0 = all)
