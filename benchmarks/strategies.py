@@ -11,6 +11,10 @@ References measured in the same run, side by side with the same model:
   ref-dropout-full-passes T = 10 full stochastic forward passes (how the reference samples MC dropout)
   ref-bim-per-image       the reference's one-image-at-a-time BIM on a sample, extrapolated to the pool
   ref-deepfool-per-image  the reference's one-image-at-a-time DeepFool on a sample, extrapolated
+  pair-dropout            BALD with head-only sampling and with T full passes, alternated in one process
+  pair-attacks            batched and per-image BIM and DeepFool on the same sample, alternated in one process
+The load of a shared machine swings from minute to minute; the pair-* entries time both sides moments
+apart in one process, which is the comparison to trust there.
 
 Prints one JSON line per entry. Usage:
   python benchmarks/strategies.py [--strategies a,b,...] [--query-size 100] [--initial 1000] [--seed 0]
@@ -43,7 +47,8 @@ from al_engine.train import (evaluate_accuracy, image_batches, predict_proba, tr
 STRATEGIES = ["least-confidence", "margin", "entropy", "least-confidence-dropout", "margin-dropout",
               "entropy-dropout", "bald", "kmeans", "kcenter-greedy", "coreset", "badge", "typiclust",
               "adversarial-bim", "adversarial-deepfool"]
-REFERENCES = ["ref-forward-pass", "ref-dropout-full-passes", "ref-bim-per-image", "ref-deepfool-per-image"]
+REFERENCES = ["ref-forward-pass", "ref-dropout-full-passes", "ref-bim-per-image", "ref-deepfool-per-image",
+              "pair-dropout", "pair-attacks"]
 PER_IMAGE_SAMPLE = {"ref-bim-per-image": 300, "ref-deepfool-per-image": 60}  # images attacked one at a time
 
 
@@ -130,9 +135,50 @@ def deepfool_one_image(model, image, max_iter: int = 50) -> int:
     return steps
 
 
+def _alternate(runs: dict, repeats: int) -> dict:
+    """Median seconds of each callable, run in turns `repeats` times."""
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {f"{name}_s": round(float(np.median(values)), 3) for name, values in times.items()}
+
+
+def run_pair(name: str, state: QueryState) -> dict:
+    from al_engine.strategies.adversarial import bim_attack, deepfool_attack
+
+    model, dataset = state.model, state.dataset
+    if name == "pair-dropout":
+        def fresh():
+            return QueryState(model=model, dataset=dataset, pool=state.pool, device=state.device, seed=0)
+        result = _alternate({"head_only": lambda: get_strategy("bald").score(fresh()),
+                             "full_passes": lambda: get_strategy("bald", full_passes=True).score(fresh())}, 2)
+        result["speedup"] = round(result["full_passes_s"] / result["head_only_s"], 1)
+        return result
+    sample = np.random.default_rng(1).choice(state.unlabeled_indices, size=256, replace=False)
+    images = next(image_batches(dataset, sample, len(sample), state.device))
+    deepfool_attack(model, images[:4], 0.02, 50)  # the first vectorised backward pass pays a one-off set-up
+    few = images[:32]
+    result = _alternate({
+        "bim_batched_256": lambda: bim_attack(model, images, 0.05, 50),
+        "bim_per_image_32": lambda: [bim_one_image(model, image, 0.05, 1000) for image in few],
+        "deepfool_batched_256": lambda: deepfool_attack(model, images, 0.02, 50),
+        "deepfool_per_image_32": lambda: [deepfool_one_image(model, image) for image in few],
+    }, 2)
+    for attack in ("bim", "deepfool"):
+        per_image = result[f"{attack}_per_image_32_s"] / 32
+        batched = result[f"{attack}_batched_256_s"] / 256
+        result[f"{attack}_speedup"] = round(per_image / batched, 1)
+    return result
+
+
 def run_reference(name: str, state: QueryState, args) -> dict:
     model, dataset = state.model, state.dataset
     unlabeled = state.unlabeled_indices
+    if name.startswith("pair-"):
+        return run_pair(name, state)
     if name == "ref-forward-pass":
         predict_proba(model, dataset, unlabeled, state.device, state.train_config.eval_batch_size)
         return {}
@@ -170,7 +216,7 @@ def worker(args) -> None:
     before = reset_peak_rss()
     started = time.perf_counter()
     record = {"strategy": args.worker}
-    if args.worker.startswith("ref-"):
+    if args.worker.startswith(("ref-", "pair-")):
         record.update(run_reference(args.worker, state, args))
     else:
         options = dict(option.split("=", 1) for option in args.option)
