@@ -109,6 +109,26 @@ def _epoch_batches(count: int, batch_size: int, generator: torch.Generator) -> l
     return batches
 
 
+class Saturation:
+    """The stopping rule shared by classifier and student training: stop once the epoch's mean loss
+    has not improved by `min_delta` (relative) for `patience` epochs, after at least `min_epochs`;
+    never when `fixed_epochs`. Reads those four fields from any config that has them."""
+
+    def __init__(self, config):
+        self.config = config
+        self.best = math.inf
+        self.stale = 0
+
+    def reached(self, epoch: int, loss: float) -> bool:
+        if self.config.fixed_epochs:
+            return False
+        if loss < self.best * (1 - self.config.min_delta):
+            self.best, self.stale = loss, 0
+        else:
+            self.stale += 1
+        return epoch + 1 >= self.config.min_epochs and self.stale >= self.config.patience
+
+
 def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -135,7 +155,7 @@ def train_classifier(
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model.parameters(), config)
     losses: list[float] = []
-    best, stale = math.inf, 0
+    saturation = Saturation(config)
     for epoch in range(config.max_epochs):
         total, seen = 0.0, 0
         for batch in _epoch_batches(len(targets), config.batch_size, generator):
@@ -153,13 +173,7 @@ def train_classifier(
         losses.append(epoch_loss)
         if on_epoch_end is not None:
             on_epoch_end(epoch, epoch_loss)
-        if config.fixed_epochs:
-            continue
-        if epoch_loss < best * (1 - config.min_delta):
-            best, stale = epoch_loss, 0
-        else:
-            stale += 1
-        if epoch + 1 >= config.min_epochs and stale >= config.patience:
+        if saturation.reached(epoch, epoch_loss):
             break
     model.eval()
     return TrainResult(len(losses), losses[-1], time.perf_counter() - start, losses)
@@ -268,7 +282,7 @@ def distill_student(student: nn.Module, teacher: nn.Module, dataset: Dataset, in
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
     losses: list[float] = []
-    best, stale = math.inf, 0
+    saturation = Saturation(config)
     for epoch in range(config.max_epochs):
         total, seen = 0.0, 0
         for batch in _epoch_batches(len(targets), config.batch_size, generator):
@@ -283,13 +297,7 @@ def distill_student(student: nn.Module, teacher: nn.Module, dataset: Dataset, in
         losses.append(epoch_loss)
         if on_epoch_end is not None:
             on_epoch_end(epoch, epoch_loss)
-        if config.fixed_epochs:
-            continue
-        if epoch_loss < best * (1 - config.min_delta):
-            best, stale = epoch_loss, 0
-        else:
-            stale += 1
-        if epoch + 1 >= config.min_epochs and stale >= config.patience:
+        if saturation.reached(epoch, epoch_loss):
             break
     student.eval()
     return TrainResult(len(losses), losses[-1], time.perf_counter() - start, losses)
