@@ -129,6 +129,33 @@ class Saturation:
         return epoch + 1 >= self.config.min_epochs and self.stale >= self.config.patience
 
 
+def run_epochs(batch_loss: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+               count: int, config, generator: torch.Generator, device: torch.device,
+               on_epoch_end: Callable[[int, float], None] | None = None) -> list[float]:
+    """The epoch loop shared by classifier and student training: shuffled mini-batches of `count`
+    items, one optimizer step each, until the config's `Saturation` rule or its epoch cap.
+    `batch_loss(batch_indices)` returns the mean loss of one batch. Returns each epoch's mean loss."""
+    losses: list[float] = []
+    saturation = Saturation(config)
+    for epoch in range(config.max_epochs):
+        total, seen = 0.0, 0
+        for batch in _epoch_batches(count, config.batch_size, generator):
+            batch = batch.to(device)
+            loss = batch_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch)
+            seen += len(batch)
+        epoch_loss = total / seen
+        losses.append(epoch_loss)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, epoch_loss)
+        if saturation.reached(epoch, epoch_loss):
+            break
+    return losses
+
+
 def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -154,27 +181,14 @@ def train_classifier(
         return TrainResult(0, math.nan, 0.0)
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model.parameters(), config)
-    losses: list[float] = []
-    saturation = Saturation(config)
-    for epoch in range(config.max_epochs):
-        total, seen = 0.0, 0
-        for batch in _epoch_batches(len(targets), config.batch_size, generator):
-            batch = batch.to(device)
-            inputs = images[batch]
-            if config.augment:
-                inputs = augment_batch(inputs.cpu(), dataset.flip_augment, generator).to(device)
-            loss = F.cross_entropy(model(inputs), targets[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(batch)
-            seen += len(batch)
-        epoch_loss = total / seen
-        losses.append(epoch_loss)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, epoch_loss)
-        if saturation.reached(epoch, epoch_loss):
-            break
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        inputs = images[batch]
+        if config.augment:
+            inputs = augment_batch(inputs.cpu(), dataset.flip_augment, generator).to(device)
+        return F.cross_entropy(model(inputs), targets[batch])
+
+    losses = run_epochs(batch_loss, optimizer, len(targets), config, generator, device, on_epoch_end)
     model.eval()
     return TrainResult(len(losses), losses[-1], time.perf_counter() - start, losses)
 
@@ -281,24 +295,11 @@ def distill_student(student: nn.Module, teacher: nn.Module, dataset: Dataset, in
         return TrainResult(0, math.nan, 0.0)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
-    losses: list[float] = []
-    saturation = Saturation(config)
-    for epoch in range(config.max_epochs):
-        total, seen = 0.0, 0
-        for batch in _epoch_batches(len(targets), config.batch_size, generator):
-            batch = batch.to(device)
-            loss = distillation_loss(student.embed(images[batch]), targets[batch], config.loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(batch)
-            seen += len(batch)
-        epoch_loss = total / seen
-        losses.append(epoch_loss)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, epoch_loss)
-        if saturation.reached(epoch, epoch_loss):
-            break
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(student.embed(images[batch]), targets[batch], config.loss)
+
+    losses = run_epochs(batch_loss, optimizer, len(targets), config, generator, device, on_epoch_end)
     student.eval()
     return TrainResult(len(losses), losses[-1], time.perf_counter() - start, losses)
 
