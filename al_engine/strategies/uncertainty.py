@@ -13,13 +13,18 @@ from . import register_strategy
 from .base import QueryState, Strategy
 
 
+def _as_float_array(values, ndim: int, shape_name: str) -> np.ndarray:
+    """A float64 NumPy copy of a tensor or array, checked to have `ndim` axes."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != ndim:
+        raise ValueError(f"expected {shape_name}, got shape {values.shape}")
+    return values
+
+
 def _as_array(probs) -> np.ndarray:
-    if isinstance(probs, torch.Tensor):
-        probs = probs.detach().cpu().numpy()
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim != 2:
-        raise ValueError(f"expected (N, C) probabilities, got shape {probs.shape}")
-    return probs
+    return _as_float_array(probs, 2, "(N, C) probabilities")
 
 
 def least_confidence(probs) -> np.ndarray:
@@ -47,12 +52,7 @@ def entropy(probs) -> np.ndarray:
 
 
 def _as_samples(mc_probs) -> np.ndarray:
-    if isinstance(mc_probs, torch.Tensor):
-        mc_probs = mc_probs.detach().cpu().numpy()
-    mc_probs = np.asarray(mc_probs, dtype=np.float64)
-    if mc_probs.ndim != 3:
-        raise ValueError(f"expected (T, N, C) dropout samples, got shape {mc_probs.shape}")
-    return mc_probs
+    return _as_float_array(mc_probs, 3, "(T, N, C) dropout samples")
 
 
 def bald(mc_probs) -> np.ndarray:
