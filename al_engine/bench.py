@@ -176,7 +176,8 @@ def run_bench(bench: BenchConfig, oracle_factory: OracleFactory, progress: bool 
     context = init_distributed(resolve_device(bench.base.device))
     try:
         out = Path(bench.out)
-        grid = [(spec, seed) for spec in bench.strategies for seed in bench.seeds]
+        # seed-major: a bench stopped early holds whole seeds, every strategy paired with random
+        grid = [(spec, seed) for seed in bench.seeds for spec in bench.strategies]
         finished_before = None
         if context.is_main:
             out.mkdir(parents=True, exist_ok=True)

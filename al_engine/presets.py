@@ -54,7 +54,8 @@ PRESETS: dict[str, Preset] = {
         dataset="fashion-mnist", model="small-cnn", initial=1000, query_size=100, rounds=10,
         train_preset="saturate",
         strategies=("random", "entropy", "margin", "bald", "kcenter-greedy", "badge", "typiclust", "rnd",
-                    "lookahead:mode=last-layer", "lookahead:mode=full-fast"),  # lookahead's fast modes
+                    "lookahead:mode=last-layer", "lookahead:batch_aware=true:mode=last-layer",
+                    "lookahead:mode=full-fast"),  # lookahead's fast modes, and batch-aware picking
         seeds=(0, 1, 2, 3, 4),
     ),
     "cifar10-resnet18": Preset(
