@@ -9,6 +9,7 @@ flipped image (it is at least as far as the attack could reach), ties broken by 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,13 +36,14 @@ def bim_attack(model, images: torch.Tensor, step_size: float, max_iter: int) -> 
     perturbation = torch.zeros_like(images)
     distance = torch.full((count,), float("nan"), device=images.device)
     steps = torch.zeros(count, dtype=torch.long, device=images.device)
-    with torch.no_grad():
-        original = model(images).argmax(dim=1)
+    original = None  # the predicted class, read off step 0's forward pass (the perturbation is still zero)
     active = torch.arange(count, device=images.device)
     for step in range(max_iter + 1):
         inputs = (images[active] + perturbation[active]).requires_grad_(True)
         with torch.enable_grad():
             logits = model(inputs)
+            if original is None:
+                original = logits.detach().argmax(dim=1)
             same = logits.argmax(dim=1) == original[active]
             flipped = active[~same]
             distance[flipped] = perturbation[flipped].flatten(1).norm(dim=1)
@@ -87,13 +89,14 @@ def deepfool_attack(model, images: torch.Tensor, overshoot: float, max_iter: int
     total = torch.zeros_like(images)  # r_total, the accumulated steps
     distance = torch.full((count,), float("nan"), device=images.device)
     steps = torch.zeros(count, dtype=torch.long, device=images.device)
-    with torch.no_grad():
-        original = model(images).argmax(dim=1)
+    original = None  # the predicted class, read off step 0's forward pass (r_total is still zero)
     active = torch.arange(count, device=images.device)
     for step in range(max_iter + 1):
         inputs = (images[active] + (1 + overshoot) * total[active]).requires_grad_(True)
         with torch.enable_grad():
             logits = model(inputs)  # (B, C)
+            if original is None:
+                original = logits.detach().argmax(dim=1)
             same = logits.argmax(dim=1) == original[active]
             flipped = active[~same]
             distance[flipped] = ((1 + overshoot) * total[flipped]).flatten(1).norm(dim=1)
@@ -144,14 +147,25 @@ class DeepFoolOptions:
             raise ConfigError("adversarial-deepfool needs overshoot >= 0, max_iter >= 1 and batch_size >= 1")
 
 
+def attack_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen eval-mode copy of the classifier for attacking: dropout off, no weight gradients, and
+    channels-last memory on image models, where the backward pass to the image (the attacks' main
+    cost) runs about 1.5x faster on a CPU. A copy, so the trained model itself is left as it was.
+    """
+    attacked = copy.deepcopy(model).eval().requires_grad_(False)
+    return attacked.to(memory_format=torch.channels_last)
+
+
 class AdversarialStrategy(Strategy):
     def attack(self, model, images: torch.Tensor) -> AttackResult:
         raise NotImplementedError
 
     def score(self, state: QueryState) -> np.ndarray:
-        model = state.model.eval()  # dropout off; gradients flow to the images only, never into the weights
+        model = attack_copy(state.model)
         distances = []
         for images in image_batches(state.dataset, state.unlabeled_indices, self.options.batch_size, state.device):
+            if images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
             distances.append(self.attack(model, images).distance.double().cpu().numpy())
         distance = np.concatenate(distances) if distances else np.empty(0)
         return np.where(np.isnan(distance), UNFLIPPED_SCORE, -distance)
