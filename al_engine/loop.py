@@ -10,6 +10,7 @@ metrics.jsonl and R lines to queries.jsonl.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -169,6 +170,19 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def json_safe(value):
+    """`value` with NaN and infinities as None and numpy scalars as Python numbers: strict JSON."""
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _append_line(path: Path, record: dict) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -287,8 +301,10 @@ def run_simulation(config: RunConfig, oracle_factory: Callable[[Dataset, RunConf
             answers = np.asarray(oracle.answer(indices, round_index), dtype=np.int64)
             answered = answers >= 0
             engine.pool.add_labels(indices[answered], answers[answered], round_index)
-            _append_line(files.queries, {"round": round_index, "indices": indices.tolist(),
-                                         "scores": [float(s) for s in scores]})
+            line = {"round": round_index, "indices": indices.tolist(), "scores": [float(s) for s in scores]}
+            if engine.strategy.diagnostics:
+                line["diagnostics"] = json_safe(engine.strategy.diagnostics)
+            _append_line(files.queries, line)
         metrics = RoundMetrics(round=round_index, labeled=labeled, accuracy=accuracy, train_s=round(train_s, 3), query_s=round(query_s, 3),
                                strategy=config.strategy, seed=config.seed, epochs=epochs)
         _append_line(files.metrics, asdict(metrics))

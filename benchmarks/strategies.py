@@ -246,7 +246,7 @@ def worker(args) -> None:
         options = dict(option.split("=", 1) for option in args.option)
         strategy = get_strategy(args.worker, **options)
         indices, scores = strategy.query(state, args.query_size)
-        record.update(getattr(strategy, "report", {}))  # what a strategy says about its own run (coreset's solves)
+        record.update(strategy.diagnostics)  # what a strategy says about its own run (coreset's solves)
         record.update({"picked": len(indices), "labeled_picked": int(np.isin(indices, pool.labeled_indices).sum())})
     record["seconds"] = round(time.perf_counter() - started, 3)
     record["peak_extra_mib"] = round(peak_rss_mib() - before, 1)

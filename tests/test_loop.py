@@ -94,3 +94,22 @@ def test_simulated_oracle_answers_from_ground_truth(digits):
         SimulatedOracle(np.array([0, -1]), 2)
     with pytest.raises(ConfigError):
         SimulatedOracle(np.array([0, 1]), 2, noise=1.5)
+
+
+def test_queries_carry_what_the_strategy_measured_about_itself_as_strict_json(make_run_config):
+    config = make_run_config(rounds=2, strategy="lookahead",
+                             strategy_options={"mode": "last-layer", "eval_size": 200, "distill_epochs": 2})
+    run_simulation(config, SimulatedOracle.for_run, progress=False)
+    text = RunFiles(config.out).queries.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    queries = [json.loads(line) for line in text.splitlines()]
+    for query in queries:
+        diagnostics = query["diagnostics"]
+        assert 0.0 <= diagnostics["helped_fraction"] <= 1.0
+        assert diagnostics["lr"] > 0 and diagnostics["evaluation"] == 200
+
+
+def test_strategies_without_diagnostics_write_plain_query_lines(make_run_config):
+    config = make_run_config(rounds=1)
+    run_simulation(config, SimulatedOracle.for_run, progress=False)
+    assert "diagnostics" not in read_jsonl(RunFiles(config.out).queries)[0]

@@ -94,6 +94,9 @@ class Strategy:
 
     def __init__(self, **options):
         self.options = parse_options(self.Options, options, self.name)
+        # What the last query measured about itself (lookahead's step and helped fraction, coreset's
+        # solves); the run loop writes it beside the picks in queries.jsonl.
+        self.diagnostics: dict = {}
 
     # Override one of these two.
     def score(self, state: QueryState) -> np.ndarray:

@@ -133,7 +133,7 @@ class Coreset(Strategy):
         reduced_min_sq = min_sq[torch.as_tensor(reduced)].double().cpu().numpy()
         best = np.arange(len(greedy))  # the greedy solution, feasible at `high`
         solved_any = False
-        self.report = {"greedy_radius": high, "radius": high, "reduced_points": len(reduced), "solves": []}
+        self.diagnostics = {"greedy_radius": high, "radius": high, "reduced_points": len(reduced), "solves": []}
         for step in range(options.bisection_steps):
             remaining = options.time_limit - (time.perf_counter() - started)
             if remaining <= 0:
@@ -147,7 +147,7 @@ class Coreset(Strategy):
                 break
             solution = solve_cover(pair_sq, covered, radius * radius, k, outliers,
                                    remaining / (options.bisection_steps - step))
-            self.report["solves"].append(f"{radius:.4g}:{solution.status}")
+            self.diagnostics["solves"].append(f"{radius:.4g}:{solution.status}")
             if solution.status in ("optimal", "feasible") and len(solution.centers) == k:
                 best, high, solved_any = solution.centers, radius, True
             elif solution.status == "infeasible":
@@ -157,7 +157,7 @@ class Coreset(Strategy):
         if not solved_any:
             log.warning("coreset: the MILP did not finish within %.0f s; using the greedy k-center picks",
                         options.time_limit)
-        self.report["radius"] = high  # on the reduced problem; the greedy picks give `greedy_radius`
+        self.diagnostics["radius"] = high  # on the reduced problem; the greedy picks give `greedy_radius`
         return reduced[best]
 
 

@@ -315,7 +315,6 @@ class Lookahead(Strategy):
     def __init__(self, **options):
         super().__init__(**options)
         self._round: LookaheadRound | None = None
-        self.diagnostics: dict = {}  # the last round's numbers (step, distillation, shortlist, ...)
 
     def round_state(self, state: QueryState) -> LookaheadRound:
         """This round's student and splits, distilled once and shared by every call in the round."""

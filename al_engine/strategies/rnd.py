@@ -89,9 +89,11 @@ class RandomNetworkDistillation(Strategy):
         targets = embed_pool(self.target, state.dataset, labeled, state.device, state.train_config.eval_batch_size)
         config = DistillConfig(lr=self.options.lr, batch_size=self.options.batch_size, max_epochs=self.options.epochs,
                                min_epochs=min(3, self.options.epochs), fixed_epochs=not self.options.saturate)
-        distill_student(self.predictor, self.target, state.dataset, labeled, config, state.device,
-                        seed=round_seed(self.run_seed, state.round_index, 93), teacher_features=targets.clone())
+        result = distill_student(self.predictor, self.target, state.dataset, labeled, config, state.device,
+                                 seed=round_seed(self.run_seed, state.round_index, 93), teacher_features=targets.clone())
         self.rounds_trained += 1
+        self.diagnostics = {"predictor_epochs": result.epochs, "predictor_loss": result.final_loss,
+                            "rounds_trained": self.rounds_trained}
         self._trained_key = key
 
     def score(self, state: QueryState) -> np.ndarray:
