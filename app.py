@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from al_engine.arguments import comma_list, key_value
+
 SUBCOMMANDS = ("bench", "export", "strategies", "users")
 
 
@@ -23,27 +25,6 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f"app.py: error: {message}\n")
         raise SystemExit(2)
-
-
-def key_value(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), value.strip()
-
-
-def comma_list(text: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list")
-    return items
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(item) for item in comma_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

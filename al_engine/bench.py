@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .data import Dataset, LoadOptions, load_dataset, take_subset
+from .arguments import comma_list, int_list
+from .data import Dataset, load_dataset, take_subset
 from .distributed import broadcast_from_main, init_distributed, is_initialised, run_or_serve
 from .errors import ConfigError
 from .loop import RunConfig, RunFiles, _comparable, read_jsonl
@@ -272,25 +273,11 @@ def write_bench_report(bench: BenchConfig, log: dict) -> tuple[dict, int]:
 # Command line
 
 
-def _comma_list(text: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list")
-    return items
-
-
-def _seed_list(text: str) -> list[int]:
-    try:
-        return [int(item) for item in _comma_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench's own flags; app.py has already added the data and engine flags."""
-    parser.add_argument("--strategies", type=_comma_list, default=None, metavar="A,B,C",
+    parser.add_argument("--strategies", type=comma_list, default=None, metavar="A,B,C",
                         help="strategies to compare; options as name:key=value (e.g. lookahead:mode=last-layer)")
-    parser.add_argument("--seeds", type=_seed_list, default=DEFAULT_SEEDS, metavar="0,1,2",
+    parser.add_argument("--seeds", type=int_list, default=DEFAULT_SEEDS, metavar="0,1,2",
                         help="seeds, paired across strategies (default: 0,1,2,3,4; bench ignores --seed)")
     parser.add_argument("--out", required=True, help="folder of the bench (resumed when it exists)")
     parser.add_argument("--preset", metavar="NAME",

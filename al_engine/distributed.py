@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .arguments import key_value
 from .errors import ConfigError, UserError
 from .strategies import QueryState, Strategy, top_k
 
@@ -380,20 +381,13 @@ def run_scoring_job(job: ScoringJob) -> dict | None:
             "scores": [float(s) for s in scores]}
 
 
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    return key.strip(), value.strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m al_engine.distributed",
                                      description="Time sharded scoring of one strategy (launch with torchrun).")
     defaults = ScoringJob()
     for name, value in dataclasses.asdict(defaults).items():
         if name == "strategy_options":
-            parser.add_argument("--strategy-option", type=_key_value, action="append", default=[])
+            parser.add_argument("--strategy-option", type=key_value, action="append", default=[])
         elif name in ("subset", "weights", "save_weights"):
             parser.add_argument(f"--{name.replace('_', '-')}", type=int if name == "subset" else str, default=None)
         else:
