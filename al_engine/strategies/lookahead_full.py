@@ -15,9 +15,20 @@ What is approximated, on the evaluation items only (u):
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch.func import functional_call, grad, jvp, vmap
+
+# torch's own forward-mode decompositions are still compiled with torch.jit.script, which warns
+# (FutureWarning) the first time jvp runs; the warning is about torch's internals, not this code.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+    try:
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    except ImportError:  # a torch without that module has nothing to warn about
+        pass
 
 from .lookahead_exact import StepRule, _EmbedView, trainable_parameters
 
