@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -94,6 +95,8 @@ class BenchConfig:
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
     preset: str | None = None
     keep_going: bool = False  # a run that crashes is recorded and the bench goes on
+    workers: int = 1  # runs at once, each in its own process with an equal share of the CPU threads
+    worker_threads: int = 0  # torch threads per worker process; 0 = the machine's cores shared equally
 
     def validate(self) -> None:
         if not self.strategies:
@@ -104,6 +107,8 @@ class BenchConfig:
             raise ConfigError(f"strategy listed twice: {', '.join(duplicates)}")
         if not self.seeds:
             raise ConfigError("bench needs at least one seed")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"--seeds lists a seed twice: {self.seeds}")
         for spec in self.strategies:
@@ -184,26 +189,32 @@ def run_bench(bench: BenchConfig, oracle_factory: OracleFactory, progress: bool 
             out.mkdir(parents=True, exist_ok=True)
             finished_before = {(spec.label, seed) for spec, seed in grid if is_finished(bench.run_config(spec, seed))}
         finished_before = broadcast_from_main(finished_before, context)  # rank 0's files decide for all
-        datasets = _DatasetCache(bench.base, dataset)
+        todo = [(spec, seed) for spec, seed in grid if (spec.label, seed) not in finished_before]
         failures: list[dict] = []
         bar = tqdm(total=len(grid), initial=len(finished_before), desc="bench", unit="run",
                    disable=not (progress and context.is_main))
-        for spec, seed in grid:
-            if (spec.label, seed) in finished_before:
-                continue
-            config = bench.run_config(spec, seed)
-            bar.set_postfix_str(f"{spec.label} seed {seed}")
-            try:
-                run_or_serve(config, oracle_factory, context, progress=progress and context.is_main,
-                             dataset=datasets.for_seed(seed))
-            except ConfigError:
-                raise  # a setting that is wrong for one run is wrong for the grid
-            except Exception as error:  # a strategy's bug must not cost the other runs, when asked
-                if not bench.keep_going:
-                    raise
-                failures.append({"strategy": spec.label, "seed": seed, "error": f"{type(error).__name__}: {error}"})
-                sys.stderr.write(f"bench: {spec.label} seed {seed} failed: {type(error).__name__}: {error}\n")
-            bar.update(1)
+
+        def record_failure(spec: StrategySpec, seed: int, error: Exception) -> None:
+            if isinstance(error, ConfigError) or not bench.keep_going:
+                raise error  # a setting wrong for one run is wrong for the grid; a bug stops it unless asked
+            failures.append({"strategy": spec.label, "seed": seed, "error": f"{type(error).__name__}: {error}"})
+            sys.stderr.write(f"bench: {spec.label} seed {seed} failed: {type(error).__name__}: {error}\n")
+
+        if bench.workers > 1:
+            if context.active:
+                raise ConfigError("--workers runs whole runs in parallel on one machine; under torchrun "
+                                  "the ranks already share each run's scoring, so leave --workers at 1")
+            _run_in_workers(bench, todo, oracle_factory, dataset, bar, record_failure)
+        else:
+            datasets = _DatasetCache(bench.base, dataset)
+            for spec, seed in todo:
+                bar.set_postfix_str(f"{spec.label} seed {seed}")
+                try:
+                    run_or_serve(bench.run_config(spec, seed), oracle_factory, context,
+                                 progress=progress and context.is_main, dataset=datasets.for_seed(seed))
+                except Exception as error:
+                    record_failure(spec, seed, error)
+                bar.update(1)
         bar.close()
         wall_s = time.perf_counter() - start
         if not context.is_main:
@@ -214,6 +225,62 @@ def run_bench(bench: BenchConfig, oracle_factory: OracleFactory, progress: bool 
     finally:
         if owned and context.active:
             dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Parallel runs: each (strategy, seed) is independent, so whole runs go to worker processes
+
+_worker_datasets: _DatasetCache | None = None  # one per worker process, loaded on its first run
+
+
+def _init_worker(base: RunConfig, dataset: Dataset | None, threads: int) -> None:
+    global _worker_datasets
+    import torch
+
+    torch.set_num_threads(threads)
+    _worker_datasets = _DatasetCache(base, dataset)
+
+
+def _run_in_worker(config: RunConfig, oracle_factory: OracleFactory) -> None:
+    from .loop import run_simulation
+
+    run_simulation(config, oracle_factory, progress=False, dataset=_worker_datasets.for_seed(config.seed))
+
+
+def worker_threads(workers: int) -> int:
+    """Torch threads per worker: the machine's cores shared equally, at least one."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _run_in_workers(bench: BenchConfig, todo: list, oracle_factory: OracleFactory, dataset: Dataset | None,
+                    bar, record_failure) -> None:
+    """Run `todo` on bench.workers processes (spawned: a fresh interpreter each, safe with torch threads).
+
+    Small networks on a CPU use two threads poorly (one batch of 32 is too little work to split), so
+    two one-thread runs side by side finish more runs per hour than one two-thread run.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=bench.workers, mp_context=context, initializer=_init_worker,
+                             initargs=(bench.base, dataset,
+                                       bench.worker_threads or worker_threads(bench.workers))) as pool:
+        futures = {pool.submit(_run_in_worker, bench.run_config(spec, seed), oracle_factory): (spec, seed)
+                   for spec, seed in todo}
+        try:
+            for future in as_completed(futures):
+                spec, seed = futures[future]
+                bar.set_postfix_str(f"{spec.label} seed {seed} done")
+                try:
+                    future.result()
+                except Exception as error:
+                    record_failure(spec, seed, error)
+                bar.update(1)
+        except BaseException:
+            for future in futures:
+                future.cancel()  # runs not started yet; a run in progress resumes next time
+            raise
 
 
 def _update_bench_log(bench: BenchConfig, wall_s: float, skipped: int, failures: list[dict]) -> dict:
@@ -284,6 +351,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a published set-up: {', '.join(preset_names())}; explicit flags override it")
     parser.add_argument("--oracle-noise", type=float, default=0.0,
                         help="probability that the simulated oracle answers a wrong class")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="runs at once, each in its own process with an equal share of the CPU threads")
     parser.add_argument("--keep-going", action="store_true",
                         help="record a run that crashes and go on with the others")
     parser.add_argument("--report-only", action="store_true",
@@ -311,7 +380,7 @@ def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
     base = RunConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
     return BenchConfig(base=base, strategies=[StrategySpec.parse(text) for text in args.strategies or []],
                        out=Path(args.out), seeds=list(args.seeds), preset=args.preset,
-                       keep_going=args.keep_going)
+                       keep_going=args.keep_going, workers=args.workers)
 
 
 def run_bench_from_args(args: argparse.Namespace, oracle_factory: OracleFactory) -> int:

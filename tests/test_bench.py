@@ -289,3 +289,28 @@ def test_cli_bench_end_to_end_on_the_quick_preset(tmp_path, capsys):
                      "--rounds", "1", "--epochs", "2", "--subset", "200", "--device", "cpu", "--no-progress",
                      "--report-only", "--out", str(out)]) == 0
     assert "report of 2 finished runs" in capsys.readouterr().out
+
+
+def test_parallel_workers_give_the_runs_a_sequential_bench_gives(tmp_path, small_digits):
+    sequential = tiny_bench(tmp_path / "one", strategies=("random", "entropy"), seeds=(0, 1))
+    run_bench(sequential, SimulatedOracle.for_run, progress=False, dataset=small_digits)
+    parallel = tiny_bench(tmp_path / "two", strategies=("random", "entropy"), seeds=(0, 1))
+    parallel.workers, parallel.worker_threads = 2, 1  # one thread each, as this process uses
+    result = run_bench(parallel, SimulatedOracle.for_run, progress=False, dataset=small_digits)
+    assert result.finished == 4 and result.failures == []
+    for strategy in ("random", "entropy"):
+        for seed in (0, 1):
+            one = sequential.run_dir(StrategySpec.parse(strategy), seed)
+            two = parallel.run_dir(StrategySpec.parse(strategy), seed)
+            assert read_jsonl(one / "queries.jsonl") == read_jsonl(two / "queries.jsonl")
+            assert ([m["accuracy"] for m in read_jsonl(one / "metrics.jsonl")]
+                    == [m["accuracy"] for m in read_jsonl(two / "metrics.jsonl")])
+    # Resuming a parallel bench skips what is done, as a sequential one does.
+    again = run_bench(parallel, SimulatedOracle.for_run, progress=False, dataset=small_digits)
+    assert again.skipped == 4
+
+
+def test_workers_must_be_at_least_one(tmp_path):
+    args = bench_parser().parse_args(["--strategies", "random", "--out", str(tmp_path), "--workers", "0"])
+    with pytest.raises(ConfigError, match="--workers"):
+        bench_config_from_args(args).validate()
