@@ -68,7 +68,7 @@ def main() -> None:
         record = {"strategy": name, **profile_batches(batches[name], len(dataset.classes)),
                   "classes": list(dataset.classes)}
         if diagnostics[name]:
-            record["diagnostics"] = {key: round(float(np.mean(values)), 4) for key, values in diagnostics[name].items()}
+            record["diagnostics"] = {key: float(f"{np.mean(values):.4g}") for key, values in diagnostics[name].items()}
         print(json.dumps(record), flush=True)
 
 
