@@ -25,6 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from al_engine.bench import StrategySpec  # noqa: E402
 from al_engine.data import load_dataset  # noqa: E402
 from al_engine.loop import RunConfig, read_jsonl  # noqa: E402
 
@@ -58,7 +59,7 @@ def main() -> None:
     diagnostics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for queries in sorted(bench.glob("*/seed-*/queries.jsonl")):
         run_config = json.loads((queries.parent / "config.json").read_text())["settings"]
-        name = run_config["strategy"] + "".join(f":{k}={v}" for k, v in sorted(run_config["strategy_options"].items()))
+        name = StrategySpec(run_config["strategy"], tuple(sorted(run_config["strategy_options"].items()))).label
         for line in read_jsonl(queries):
             batches[name].append(labels[np.asarray(line["indices"], dtype=np.int64)])
             for key, value in line.get("diagnostics", {}).items():
