@@ -314,3 +314,16 @@ def test_workers_must_be_at_least_one(tmp_path):
     args = bench_parser().parse_args(["--strategies", "random", "--out", str(tmp_path), "--workers", "0"])
     with pytest.raises(ConfigError, match="--workers"):
         bench_config_from_args(args).validate()
+
+
+def test_grid_runs_seed_by_seed_so_a_stopped_bench_holds_whole_seeds(tmp_path, small_digits):
+    def fails_on_seed_1(dataset, config):
+        if config.seed == 1:
+            raise RuntimeError("stopped")
+        return SimulatedOracle.for_run(dataset, config)
+
+    bench = tiny_bench(tmp_path / "b", strategies=("random", "entropy"), seeds=(0, 1))
+    with pytest.raises(RuntimeError):
+        run_bench(bench, fails_on_seed_1, progress=False, dataset=small_digits)
+    for strategy in ("random", "entropy"):  # strategy by strategy, entropy seed 0 would never have run
+        assert bench_module.is_finished(bench.run_config(StrategySpec.parse(strategy), 0))

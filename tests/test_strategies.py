@@ -343,6 +343,23 @@ def test_an_image_the_attack_never_flips_ranks_last_with_a_defined_score(name):
     assert scores[2] == UNFLIPPED_SCORE and np.isfinite(scores).all()
 
 
+def test_attacks_leave_the_trained_model_as_it_was():
+    # The attacks run on a frozen channels-last copy: the model the loop trains next round keeps
+    # its training mode, its trainable weights and their memory layout.
+    model = SmallCNN(in_channels=1, num_classes=10, image_size=28)
+    model.train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    images = torch.rand(4, 1, 28, 28)
+    dataset = Dataset(name="t", train_images=(images * 255).to(torch.uint8), train_labels=torch.arange(4) % 10,
+                      test_images=(images * 255).to(torch.uint8), test_labels=torch.arange(4) % 10,
+                      classes=[str(i) for i in range(10)], mean=(0.5,), std=(0.5,))
+    get_strategy("adversarial-bim", max_iter=3).score(make_state(dataset, model))
+    assert model.training
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    assert model.conv1.weight.is_contiguous()  # not switched to channels-last
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
 # --------------------------------------------------------------------------------------------
 # Properties every strategy shares, on a tiny real problem with the small CNN
 
