@@ -96,9 +96,11 @@ def test_simulated_oracle_answers_from_ground_truth(digits):
         SimulatedOracle(np.array([0, 1]), 2, noise=1.5)
 
 
-def test_queries_carry_what_the_strategy_measured_about_itself_as_strict_json(make_run_config):
+@pytest.mark.parametrize("batch_aware", [False, True])
+def test_queries_carry_what_the_strategy_measured_about_itself_as_strict_json(make_run_config, batch_aware):
     config = make_run_config(rounds=2, strategy="lookahead",
-                             strategy_options={"mode": "last-layer", "eval_size": 200, "distill_epochs": 2})
+                             strategy_options={"mode": "last-layer", "eval_size": 200, "distill_epochs": 2,
+                                               "batch_aware": batch_aware})
     run_simulation(config, SimulatedOracle.for_run, progress=False)
     text = RunFiles(config.out).queries.read_text()
     assert "NaN" not in text and "Infinity" not in text

@@ -57,5 +57,6 @@ def batch_aware_select(strategy, state, k: int) -> tuple[np.ndarray, np.ndarray]
     problem, inputs, targets, _ = _candidate_problem(state, round_, indices[working])
     picks, distances = greedy_lessons(inputs, targets, problem["weight"], problem["eval_inputs"],
                                       round_.eval_targets, round_.rule, k)
-    strategy.diagnostics.update(batch_aware_pool=len(working))
+    strategy.diagnostics.update(batch_aware_pool=len(working),
+                                helped_fraction=float(np.mean(first < round_.baseline)) if len(first) else float("nan"))
     return positions[working[picks]], -distances
