@@ -6,7 +6,9 @@ the strategy (`sharding_plan`):
 
 - "shard":  per-item scores (entropy, margin, adversarial, lookahead's exact/batched/full-fast modes).
             Each rank scores its shard through `state.candidates`, keeps its own top k, and the
-            k best of all ranks are merged. The merge is exact: every global top-k item is in its
+            k best of all ranks are merged. What a strategy prepares once per round before
+            scoring (lookahead's distilled student) rank 0 prepares alone and broadcasts
+            (`Strategy.shared_round_state`). The merge is exact: every global top-k item is in its
             shard's top k, and ties go to the lower position in the whole pool, as `top_k` breaks them.
 - "gather": strategies that need a global view (k-center, k-means, BADGE, TypiClust, MC dropout).
             Each rank computes the per-item views the strategy reads (its shard's embeddings), the
@@ -190,6 +192,10 @@ def sharded_query(strategy: Strategy, state: QueryState, k: int, sync_model: boo
     shard_state = dataclasses.replace(state, candidates=candidates[start:stop], cache={})
 
     if mode == "shard":
+        # Once-per-round preparation (lookahead's distillation) is done on rank 0 and handed out.
+        shared = _broadcast_result(strategy.shared_round_state(state) if context.is_main else None)
+        if shared is not None and not context.is_main:
+            strategy.adopt_round_state(state, shared)
         if stop > start:
             scores = np.asarray(strategy.score(shard_state), dtype=np.float64)
             local = top_k(scores, min(k, stop - start))

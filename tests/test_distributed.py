@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ["entropy", "margin", "least-confidence", "random", "kcenter-greedy", "badge", "bald", "kmeans",
               "typiclust"]
 QUERY_SIZE = 12
+# Lookahead distils a student each round: rank 0 alone must do it, and the picks must not change.
+LOOKAHEAD_OPTIONS = {"mode": "full-fast", "candidate_size": 60, "eval_size": 100, "distill_epochs": 3}
 
 
 @pytest.fixture(autouse=True)
@@ -126,6 +128,15 @@ def _worker(rank, world, folder, strategies):
         for name in strategies:
             picks, scores = sharded_query(get_strategy(name), _state(dataset, pool, model), QUERY_SIZE)
             results[name] = {"picks": picks.tolist(), "scores": scores.tolist()}
+        if "lookahead" in strategy_names():
+            from al_engine.strategies import lookahead
+
+            distil, calls = lookahead.distill_student, []
+            lookahead.distill_student = lambda *args, **kwargs: calls.append(1) or distil(*args, **kwargs)
+            strategy = get_strategy("lookahead", **LOOKAHEAD_OPTIONS)
+            picks, scores = sharded_query(strategy, _state(dataset, pool, model), QUERY_SIZE)
+            results["lookahead"] = {"picks": picks.tolist(), "scores": scores.tolist(), "distillations": len(calls),
+                                    "lr": strategy.diagnostics["lr"]}
         with open(f"{folder}/rank{rank}.json", "w") as handle:
             json.dump(results, handle)
         # A whole bench on the same group: rank 0 runs and writes, both ranks score.
@@ -153,6 +164,10 @@ def test_two_processes_pick_what_one_process_picks(tmp_path):
     for name in strategies:
         picks, scores = get_strategy(name).query(_state(dataset, pool, model), QUERY_SIZE)
         expected[name] = {"picks": picks.tolist(), "scores": scores.tolist()}
+    if "lookahead" in strategy_names():
+        strategy = get_strategy("lookahead", **LOOKAHEAD_OPTIONS)
+        picks, scores = strategy.query(_state(dataset, pool, model), QUERY_SIZE)
+        expected["lookahead"] = {"picks": picks.tolist(), "scores": scores.tolist(), "lr": strategy.diagnostics["lr"]}
 
     mp.start_processes(_worker, args=(2, str(tmp_path), strategies), nprocs=2, join=True, start_method="spawn")
 
@@ -168,9 +183,12 @@ def test_two_processes_pick_what_one_process_picks(tmp_path):
 
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        for name in strategies:
+        for name in expected:
             assert got[name]["picks"] == expected[name]["picks"], f"{name} on rank {rank}"
             np.testing.assert_allclose(got[name]["scores"], expected[name]["scores"], rtol=1e-5, atol=1e-7)
+        if "lookahead" in expected:  # one distillation in all, on rank 0; the other rank took its student
+            assert got["lookahead"]["distillations"] == (1 if rank == 0 else 0)
+            assert got["lookahead"]["lr"] == pytest.approx(expected["lookahead"]["lr"])
 
 
 def test_torchrun_run_matches_one_process(tmp_path):

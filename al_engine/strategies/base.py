@@ -123,6 +123,15 @@ class Strategy:
             raise RuntimeError(f"strategy {self.name!r} returned {len(positions)} picks with duplicates or a wrong count")
         return candidates[positions], np.asarray(scores, dtype=np.float64)
 
+    # Sharded scoring (al_engine/distributed.py): work a strategy does once per round before it
+    # scores (lookahead's student distillation) is done by rank 0 alone and handed to the others.
+    def shared_round_state(self, state: QueryState) -> Any:
+        """Rank 0's once-per-round preparation, picklable, for the other ranks; None when there is none."""
+        return None
+
+    def adopt_round_state(self, state: QueryState, shared: Any) -> None:
+        """Use rank 0's `shared_round_state(state)` instead of preparing the round here."""
+
     # Strategies that carry state across rounds (RND's predictor) override these for resume.
     def state_dict(self) -> dict:
         return {}

@@ -167,8 +167,22 @@ def auto_step(student: nn.Module, state: QueryState, targets_of, options: Lookah
     return options.lr_scale / float(np.mean(ratios)) if ratios else options.lr_scale
 
 
-def prepare_round(state: QueryState, options: LookaheadOptions) -> LookaheadRound:
-    """Distil the student, draw the splits and choose the step: everything scoring needs."""
+@dataclass
+class SharedStudent:
+    """A round's distilled student as rank 0 hands it to the other ranks of a sharded query."""
+
+    key: tuple
+    weights: dict  # the student's state_dict, on the CPU
+    distill: TrainResult
+    lr: float
+
+
+def prepare_round(state: QueryState, options: LookaheadOptions, shared: SharedStudent | None = None) -> LookaheadRound:
+    """Distil the student, draw the splits and choose the step: everything scoring needs.
+
+    With `shared` (another rank's distillation of this same round) the student's weights and step
+    are taken from it instead of distilling again.
+    """
     candidates, evaluation = split_pool(state.pool.unlabeled_indices, options.eval_fraction, state.seed,
                                         state.round_index)
     candidates = _subsample(candidates, options.candidate_size, state.seed, state.round_index, 5005)
@@ -176,10 +190,15 @@ def prepare_round(state: QueryState, options: LookaheadOptions) -> LookaheadRoun
     teacher = state.model.eval()
     batch = state.train_config.eval_batch_size
     student = fresh_copy(teacher, round_seed(state.seed, state.round_index, 31)).to(state.device)
-    config = DistillConfig(loss=options.distill_loss, max_epochs=options.distill_epochs,
-                           fixed_epochs=options.distill_fixed_epochs)
-    distilled = distill_student(student, teacher, state.dataset, state.labeled_indices, config, state.device,
-                                seed=round_seed(state.seed, state.round_index, 32))
+    if shared is None:
+        config = DistillConfig(loss=options.distill_loss, max_epochs=options.distill_epochs,
+                               fixed_epochs=options.distill_fixed_epochs)
+        distilled = distill_student(student, teacher, state.dataset, state.labeled_indices, config, state.device,
+                                    seed=round_seed(state.seed, state.round_index, 32))
+    else:
+        student.load_state_dict(shared.weights)
+        distilled = shared.distill
+    student.eval()
     for parameter in student.parameters():
         parameter.requires_grad_(True)
     eval_targets = embed_pool(teacher, state.dataset, evaluation, state.device, batch)
@@ -190,7 +209,10 @@ def prepare_round(state: QueryState, options: LookaheadOptions) -> LookaheadRoun
     def targets_of(indices):
         return embed_pool(teacher, state.dataset, indices, state.device, batch)
 
-    lr = options.lr if options.lr > 0 else auto_step(student, state, targets_of, options)
+    if shared is not None:
+        lr = shared.lr
+    else:
+        lr = options.lr if options.lr > 0 else auto_step(student, state, targets_of, options)
     key = _round_key(state, options)
     return LookaheadRound(key=key, student=student, candidates=candidates, evaluation=evaluation,
                           eval_targets=eval_targets.clone(), rule=StepRule(lr, options.momentum, options.steps),
@@ -320,12 +342,26 @@ class Lookahead(Strategy):
         """This round's student and splits, distilled once and shared by every call in the round."""
         key = _round_key(state, self.options)
         if self._round is None or self._round.key != key:
-            self._round = prepare_round(state, self.options)
-            self.diagnostics = {"lr": self._round.rule.lr, "distill_epochs": self._round.distill.epochs,
-                                "distill_distance": self._round.distill_distance,
-                                "candidates": len(self._round.candidates),
-                                "evaluation": len(self._round.evaluation)}
+            self._start_round(prepare_round(state, self.options))
         return self._round
+
+    def _start_round(self, round_: LookaheadRound) -> None:
+        self._round = round_
+        self.diagnostics = {"lr": round_.rule.lr, "distill_epochs": round_.distill.epochs,
+                            "distill_distance": round_.distill_distance, "candidates": len(round_.candidates),
+                            "evaluation": len(round_.evaluation)}
+
+    def shared_round_state(self, state: QueryState) -> SharedStudent:
+        round_ = self.round_state(state)
+        weights = {name: tensor.detach().cpu() for name, tensor in round_.student.state_dict().items()}
+        return SharedStudent(key=round_.key, weights=weights, distill=round_.distill, lr=round_.rule.lr)
+
+    def adopt_round_state(self, state: QueryState, shared: SharedStudent) -> None:
+        key = _round_key(state, self.options)
+        if shared.key != key:
+            raise RuntimeError(f"lookahead: rank 0 distilled round {shared.key[:3]}, this rank is at {key[:3]}")
+        if self._round is None or self._round.key != key:
+            self._start_round(prepare_round(state, self.options, shared))
 
     def score_candidates(self, state: QueryState, pool_indices: np.ndarray) -> np.ndarray:
         """Scores (minus the distance) for candidate pool indices; for sharded scoring."""
