@@ -39,6 +39,20 @@ def make_run_config(tmp_path):
     return lambda **overrides: fast_run_config(tmp_path, **overrides)
 
 
+@pytest.fixture
+def make_annotator_app(tmp_path, digits):
+    """make(token): an annotator app on digits (6 initial labels, batches of 4) whose owner token is `token`."""
+    from al_engine.loop import RunConfig
+    from annotator import create_app
+
+    def make(token: str):
+        config = RunConfig(dataset="digits", initial=6, query_size=4, rounds=1, epochs=2, seed=0, device="cpu")
+        return create_app({"DATABASE": str(tmp_path / "a.db"), "RUN_CONFIG": config, "DATASET": digits,
+                           "ADMIN_TOKEN": token})
+
+    return make
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

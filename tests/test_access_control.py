@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from al_engine.loop import RunConfig
-from annotator import create_app
 from annotator import db as annotator_db
 from annotator.db import AnnotationDB
 
@@ -23,10 +21,8 @@ UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 
 
 @pytest.fixture
-def app(tmp_path, digits):
-    config = RunConfig(dataset="digits", initial=6, query_size=4, rounds=1, epochs=1, seed=0, device="cpu")
-    return create_app({"DATABASE": str(tmp_path / "a.db"), "RUN_CONFIG": config, "DATASET": digits,
-                       "ADMIN_TOKEN": TOKEN})
+def app(make_annotator_app):
+    return make_annotator_app(TOKEN)
 
 
 @pytest.fixture
@@ -65,16 +61,14 @@ def test_every_route_but_static_files_needs_a_session_or_token(app):
     assert checked >= 3 * 15  # the table really was walked
 
 
-def test_a_forged_or_stale_session_cookie_is_not_a_sign_in(app, tmp_path, digits):
+def test_a_forged_or_stale_session_cookie_is_not_a_sign_in(app, make_annotator_app):
     client = app.test_client()
     client.set_cookie("annotator_session", "eyJ1c2VyX2lkIjoxfQ.forged.signature")
     assert client.get("/api/status").status_code == 401
     assert client.get(f"/?token={TOKEN}").status_code == 302
     assert client.get("/api/status").status_code == 200
     # a restart with a new start-up token signs the owner's old sessions out
-    config = app.extensions["annotator"].run_config
-    restarted = create_app({"DATABASE": app.extensions["annotator"].database, "RUN_CONFIG": config, "DATASET": digits,
-                            "ADMIN_TOKEN": "a-new-token"})
+    restarted = make_annotator_app("a-new-token")  # the same database
     stale = restarted.test_client()
     stale.set_cookie("annotator_session", client.get_cookie("annotator_session").value)
     assert stale.get("/api/status").status_code == 401

@@ -5,24 +5,14 @@ import re
 
 import pytest
 
-from al_engine.data import load_dataset
-from al_engine.loop import RunConfig
-from annotator import create_app
 from annotator.db import AnnotationDB
 
 TOKEN = "page-token"
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
 @pytest.fixture
-def app(tmp_path, digits):
-    config = RunConfig(dataset="digits", initial=6, query_size=4, rounds=1, epochs=2, seed=0, device="cpu")
-    return create_app({"DATABASE": str(tmp_path / "a.db"), "RUN_CONFIG": config, "DATASET": digits,
-                       "ADMIN_TOKEN": TOKEN})
+def app(make_annotator_app):
+    return make_annotator_app(TOKEN)
 
 
 @pytest.fixture
@@ -57,7 +47,7 @@ def test_pages_without_sign_in_or_with_a_bad_token_are_401(client):
     assert response.status_code == 401 and "not valid" in response.get_data(as_text=True)
 
 
-def test_a_new_start_up_token_signs_old_owner_sessions_out(client, app, tmp_path, digits):
+def test_a_new_start_up_token_signs_old_owner_sessions_out(client, app):
     signed_in(client)
     assert client.get("/").status_code == 200
     db = AnnotationDB(app.extensions["annotator"].database)
