@@ -23,8 +23,6 @@ import argparse
 import json
 import os
 import random
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,12 +34,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from server_harness import free_port, percentiles  # noqa: E402  (the tests' helpers for servers on 127.0.0.1)
 
 
 def request(url: str, token: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
@@ -55,18 +50,6 @@ def request(url: str, token: str, body: dict | None = None, timeout: float = 30.
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
-
-
-def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"n": 0}
-    ordered = sorted(values)
-
-    def pick(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
-
-    return {"n": len(ordered), "p50_ms": pick(0.5), "p95_ms": pick(0.95), "p99_ms": pick(0.99),
-            "max_ms": round(ordered[-1], 2), "mean_ms": round(statistics.fmean(ordered), 2)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +90,7 @@ def run_clients(base: str, tokens: list[str], pairs: int, seconds: float, think_
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - start
-    return {"pair": percentiles(pair_ms), "next": percentiles(next_ms), "answer": percentiles(answer_ms),
+    return {"pair": percentiles(pair_ms, 2), "next": percentiles(next_ms, 2), "answer": percentiles(answer_ms, 2),
             "answers_per_s": round(len(pair_ms) / elapsed, 1), "errors": errors[:5], "error_count": len(errors)}
 
 

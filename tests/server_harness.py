@@ -63,15 +63,17 @@ def call(base: str, path: str, token: str, body=None, method: str | None = None,
         return status, raw.decode(errors="replace")
 
 
-def percentiles(values: list[float]) -> dict:
+def percentiles(values: list[float], digits: int = 1) -> dict:
+    """Nearest-rank percentiles and the mean of latencies in ms, rounded to `digits` decimals."""
     if not values:
         return {"n": 0}
     ordered = sorted(values)
 
     def pick(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], digits)
 
-    return {"n": len(ordered), "p50_ms": pick(0.5), "p95_ms": pick(0.95), "max_ms": round(ordered[-1], 1)}
+    return {"n": len(ordered), "p50_ms": pick(0.5), "p95_ms": pick(0.95), "p99_ms": pick(0.99),
+            "max_ms": round(ordered[-1], digits), "mean_ms": round(sum(ordered) / len(ordered), digits)}
 
 
 # --------------------------------------------------------------------------------------------
