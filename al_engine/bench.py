@@ -15,9 +15,11 @@ The oracle factory is a parameter: the engine does not import the oracle package
 from __future__ import annotations
 
 import argparse
+import calendar
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -283,6 +285,35 @@ def _run_in_workers(bench: BenchConfig, todo: list, oracle_factory: OracleFactor
             raise
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def clock_seconds(invocations: list[dict]) -> float:
+    """Wall-clock seconds during which at least one invocation ran.
+
+    Invocations run one after another add up; invocations run at once on the same folder (two
+    bench processes on disjoint strategies) count their shared time once. An invocation spans
+    [finished - wall_s, finished]: `finished_unix` where recorded, else `finished_at` (to the second).
+    """
+    spans = []
+    for item in invocations:
+        end = item.get("finished_unix")
+        if end is None:
+            end = calendar.timegm(time.strptime(item["finished_at"], TIME_FORMAT))
+        spans.append((float(end) - float(item["wall_s"]), float(end)))
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def _wall_times(log: dict) -> None:
+    log["wall_s_summed"] = round(sum(item["wall_s"] for item in log["invocations"]), 3)
+    log["wall_s_total"] = round(clock_seconds(log["invocations"]), 3)
+
+
 def _update_bench_log(bench: BenchConfig, wall_s: float, skipped: int, failures: list[dict]) -> dict:
     """bench.json: the grid, and one record per invocation (wall time adds up over resumes)."""
     path = Path(bench.out) / "bench.json"
@@ -292,9 +323,10 @@ def _update_bench_log(bench: BenchConfig, wall_s: float, skipped: int, failures:
         settings.pop(key, None)
     log.update({"strategies": [spec.label for spec in bench.strategies], "seeds": list(bench.seeds),
                 "preset": bench.preset, "settings": settings})
-    log["invocations"].append({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "wall_s": round(wall_s, 3), "runs_skipped": skipped, "failures": failures})
-    log["wall_s_total"] = round(sum(item["wall_s"] for item in log["invocations"]), 3)
+    now = time.time()
+    log["invocations"].append({"finished_at": time.strftime(TIME_FORMAT, time.gmtime(now)),
+                               "finished_unix": round(now, 3), "wall_s": round(wall_s, 3), "runs_skipped": skipped, "failures": failures})
+    _wall_times(log)
     path.write_text(json.dumps(log, indent=2) + "\n")
     return log
 
@@ -327,7 +359,8 @@ def write_bench_report(bench: BenchConfig, log: dict) -> tuple[dict, int]:
         (f" (epochs ≤ {base.epochs})" if base.epochs else ""),
         f"{base.initial} initial labels, {base.rounds} rounds of {base.query_size}; seeds {bench.seeds}",
         f"{len(curves)} of {grid_size} runs finished; bench wall time {log['wall_s_total']:.1f} s"
-        + (f" over {len(log['invocations'])} invocations" if len(log["invocations"]) > 1 else ""),
+        + (f" over {len(log['invocations'])} invocations (clock time while any ran; summed"
+           f" {log['wall_s_summed']:.1f} s)" if len(log["invocations"]) > 1 else ""),
     ]
     if bench.preset:
         notes.insert(0, f"preset `{bench.preset}`")
@@ -389,7 +422,8 @@ def run_bench_from_args(args: argparse.Namespace, oracle_factory: OracleFactory)
     if args.report_only:
         bench.validate()
         path = Path(bench.out) / "bench.json"
-        log = json.loads(path.read_text()) if path.exists() else {"invocations": [], "wall_s_total": 0.0}
+        log = json.loads(path.read_text()) if path.exists() else {"invocations": []}
+        _wall_times(log)
         _, finished = write_bench_report(bench, log)
         print(f"report of {finished} finished runs written to {bench.out}")
         return 0

@@ -1,12 +1,13 @@
 """The bench grid: strategy specs, presets, resume, skip, failures and the files it writes."""
 import json
+import time
 
 import pytest
 import torch
 
 import app
 from al_engine import bench as bench_module
-from al_engine.bench import BenchConfig, StrategySpec, bench_config_from_args, run_bench
+from al_engine.bench import BenchConfig, StrategySpec, bench_config_from_args, clock_seconds, run_bench
 from al_engine.data import load_dataset, take_subset
 from al_engine.errors import ConfigError
 from al_engine.loop import RunConfig, read_jsonl
@@ -199,7 +200,23 @@ def test_finished_runs_are_skipped_and_half_finished_runs_resume(tmp_path, small
     assert after[1]["accuracy"] == before[1]["accuracy"]  # round 1 retrained (now it queries), same model
     log = json.loads((out / "bench.json").read_text())
     assert len(log["invocations"]) == 3
+    # one after another: the clock time is the sum
     assert log["wall_s_total"] == pytest.approx(sum(i["wall_s"] for i in log["invocations"]), abs=0.01)
+    assert log["wall_s_summed"] == pytest.approx(log["wall_s_total"], abs=0.01)
+
+
+def test_bench_wall_time_counts_invocations_that_ran_at_once_one_time():
+    def invocation(finished, wall):
+        return {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)), "wall_s": wall}
+
+    # 10:00-11:00 and 10:30-11:30 at once, then 12:00-12:10 alone: 1.5 h + 10 min of clock time.
+    ten = 1_700_000_000 - 1_700_000_000 % 3600 + 10 * 3600
+    spans = [invocation(ten + 3600, 3600.0), invocation(ten + 5400, 3600.0), invocation(ten + 7800, 600.0)]
+    assert clock_seconds(spans) == pytest.approx(5400 + 600)
+    assert clock_seconds([{**spans[0], "finished_unix": ten + 3600.5}]) == pytest.approx(3600.0)
+    assert clock_seconds([]) == 0.0
+    # the recorded hours of one invocation inside another's add nothing
+    assert clock_seconds([invocation(ten + 3600, 3600.0), invocation(ten + 1800, 600.0)]) == pytest.approx(3600)
 
 
 class DiesInRound:
