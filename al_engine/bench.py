@@ -325,7 +325,8 @@ def _update_bench_log(bench: BenchConfig, wall_s: float, skipped: int, failures:
                 "preset": bench.preset, "settings": settings})
     now = time.time()
     log["invocations"].append({"finished_at": time.strftime(TIME_FORMAT, time.gmtime(now)),
-                               "finished_unix": round(now, 3), "wall_s": round(wall_s, 3), "runs_skipped": skipped, "failures": failures})
+                               "finished_unix": round(now, 3), "wall_s": round(wall_s, 3), "runs_skipped": skipped,
+                               "failures": failures})
     _wall_times(log)
     path.write_text(json.dumps(log, indent=2) + "\n")
     return log

@@ -192,10 +192,12 @@ def sharded_query(strategy: Strategy, state: QueryState, k: int, sync_model: boo
     shard_state = dataclasses.replace(state, candidates=candidates[start:stop], cache={})
 
     if mode == "shard":
-        # Once-per-round preparation (lookahead's distillation) is done on rank 0 and handed out.
-        shared = _broadcast_result(strategy.shared_round_state(state) if context.is_main else None)
-        if shared is not None and not context.is_main:
-            strategy.adopt_round_state(state, shared)
+        # Once-per-round preparation (lookahead's distillation) is done on rank 0 and handed out; a
+        # strategy without any (the class decides, so every rank agrees) costs no collective.
+        if type(strategy).shared_round_state is not Strategy.shared_round_state:
+            shared = _broadcast_result(strategy.shared_round_state(state) if context.is_main else None)
+            if shared is not None and not context.is_main:
+                strategy.adopt_round_state(state, shared)
         if stop > start:
             scores = np.asarray(strategy.score(shard_state), dtype=np.float64)
             local = top_k(scores, min(k, stop - start))

@@ -198,7 +198,6 @@ def prepare_round(state: QueryState, options: LookaheadOptions, shared: SharedSt
     else:
         student.load_state_dict(shared.weights)
         distilled = shared.distill
-    student.eval()
     for parameter in student.parameters():
         parameter.requires_grad_(True)
     eval_targets = embed_pool(teacher, state.dataset, evaluation, state.device, batch)
@@ -210,9 +209,11 @@ def prepare_round(state: QueryState, options: LookaheadOptions, shared: SharedSt
         return embed_pool(teacher, state.dataset, indices, state.device, batch)
 
     if shared is not None:
-        lr = shared.lr
+        lr = shared.lr  # rank 0's auto step, measured on the same student
+    elif options.lr > 0:
+        lr = options.lr
     else:
-        lr = options.lr if options.lr > 0 else auto_step(student, state, targets_of, options)
+        lr = auto_step(student, state, targets_of, options)
     key = _round_key(state, options)
     return LookaheadRound(key=key, student=student, candidates=candidates, evaluation=evaluation,
                           eval_targets=eval_targets.clone(), rule=StepRule(lr, options.momentum, options.steps),
