@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from al_engine.data import LoadOptions, Pool, load_dataset  # noqa: E402
 from al_engine.models import build_model  # noqa: E402
 from al_engine.strategies.base import QueryState  # noqa: E402
-from al_engine.strategies.lookahead import (LookaheadOptions, auto_step, candidate_distances,  # noqa: E402
-                                            last_layer_distances, merge_shortlist, prepare_round)
+from al_engine.strategies.lookahead import candidate_distances, last_layer_distances, merge_shortlist  # noqa: E402
+from al_engine.strategies.lookahead_round import LookaheadOptions, auto_step, prepare_round  # noqa: E402
 from al_engine.strategies.lookahead_exact import StepRule  # noqa: E402
 from al_engine.strategies.lookahead_fast import is_certified  # noqa: E402
 from al_engine.train import (DistillConfig, distill_student, embed_pool, feature_distance,  # noqa: E402

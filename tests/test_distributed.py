@@ -129,10 +129,10 @@ def _worker(rank, world, folder, strategies):
             picks, scores = sharded_query(get_strategy(name), _state(dataset, pool, model), QUERY_SIZE)
             results[name] = {"picks": picks.tolist(), "scores": scores.tolist()}
         if "lookahead" in strategy_names():
-            from al_engine.strategies import lookahead
+            from al_engine.strategies import lookahead_round
 
-            distil, calls = lookahead.distill_student, []
-            lookahead.distill_student = lambda *args, **kwargs: calls.append(1) or distil(*args, **kwargs)
+            distil, calls = lookahead_round.distill_student, []
+            lookahead_round.distill_student = lambda *args, **kwargs: calls.append(1) or distil(*args, **kwargs)
             strategy = get_strategy("lookahead", **LOOKAHEAD_OPTIONS)
             picks, scores = sharded_query(strategy, _state(dataset, pool, model), QUERY_SIZE)
             results["lookahead"] = {"picks": picks.tolist(), "scores": scores.tolist(), "distillations": len(calls),

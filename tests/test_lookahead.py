@@ -10,8 +10,8 @@ from al_engine.data import Dataset, Pool
 from al_engine.errors import ConfigError
 from al_engine.models import SmallCNN
 from al_engine.strategies import QueryState, get_strategy
-from al_engine.strategies.lookahead import (LookaheadOptions, candidate_distances, prepare_round,
-                                            split_pool)
+from al_engine.strategies.lookahead import candidate_distances
+from al_engine.strategies.lookahead_round import LookaheadOptions, prepare_round, split_pool
 from al_engine.strategies.lookahead_batch import greedy_lessons
 from al_engine.strategies.lookahead_exact import StepRule
 from al_engine.strategies.lookahead_fast import (FixedPatternScorer, exact_distances_closed_form,

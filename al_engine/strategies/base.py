@@ -13,8 +13,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .. import seeding
 from ..data import Dataset, Pool
 from ..errors import ConfigError
+from ..seeding import Stream
 from ..train import TrainConfig, embed_pool, predict_proba
 
 
@@ -33,7 +35,7 @@ class QueryState:
     cache: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.rng = np.random.default_rng([self.seed, self.round_index, 17])
+        self.rng = seeding.rng(self.seed, self.round_index, Stream.QUERY_STATE)
 
     @property
     def unlabeled_indices(self) -> np.ndarray:

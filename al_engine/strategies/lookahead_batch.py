@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .lookahead_fast import FixedPatternScorer, rank_one_coefficients, shortlist_positions
+from .lookahead_round import LookaheadRound, candidate_problem
 
 
 @torch.inference_mode()
@@ -46,17 +47,17 @@ def greedy_lessons(inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Te
     return np.asarray(picks, dtype=np.int64), np.asarray(distances)
 
 
-def batch_aware_select(strategy, state, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The strategy's select() when batch_aware=true: positions into state.unlabeled_indices and scores."""
-    from .lookahead import _candidate_problem, candidate_distances
+def batch_aware_select(state, round_: LookaheadRound, indices: np.ndarray, first: np.ndarray, k: int,
+                       pool_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Greedy picks among candidate pool `indices`, whose plain lookahead distances are `first`.
 
-    round_ = strategy.round_state(state)
-    positions, indices = strategy._positions(state)
-    first = candidate_distances(state, round_, indices, strategy.options)
-    working = np.sort(shortlist_positions(first, min(max(strategy.options.batch_aware_pool, k), len(indices))))
-    problem, inputs, targets, _ = _candidate_problem(state, round_, indices[working])
+    Returns positions into `indices` in pick order, each pick's distance when it was picked, and
+    diagnostics. The working pool is the `pool_size` best by `first` (at least k).
+    """
+    working = np.sort(shortlist_positions(first, min(max(pool_size, k), len(indices))))
+    problem, inputs, targets, _ = candidate_problem(state, round_, indices[working])
     picks, distances = greedy_lessons(inputs, targets, problem["weight"], problem["eval_inputs"],
                                       round_.eval_targets, round_.rule, k)
-    strategy.diagnostics.update(batch_aware_pool=len(working),
-                                helped_fraction=float(np.mean(first < round_.baseline)) if len(first) else float("nan"))
-    return positions[working[picks]], -distances
+    diagnostics = {"batch_aware_pool": len(working),
+                   "helped_fraction": float(np.mean(first < round_.baseline)) if len(first) else float("nan")}
+    return working[picks], distances, diagnostics

@@ -30,7 +30,11 @@ with warnings.catch_warnings():
     except ImportError:  # a torch without that module has nothing to warn about
         pass
 
+from .. import seeding
+from ..seeding import Stream
+from ..train import embed_pool
 from .lookahead_exact import StepRule, _EmbedView, trainable_parameters
+from .lookahead_round import last_layer_problem, pool_images, trunk_outputs
 
 
 def candidate_updates(student, candidate_images: torch.Tensor, candidate_targets: torch.Tensor, rule: StepRule,
@@ -152,25 +156,22 @@ def full_fast_distances_from(candidate_inputs: torch.Tensor, a: torch.Tensor, al
 
 def full_fast_distances(state, round_, indices: np.ndarray, options) -> np.ndarray:
     """The `full-fast` mode's distances for pool `indices` (lower = better)."""
-    from .lookahead import _images, _last_layer_problem, trunk_outputs
-    from ..train import embed_pool
-
-    problem = _last_layer_problem(state, round_)
+    problem = last_layer_problem(state, round_)
     student = round_.student
     batch = state.train_config.eval_batch_size
     if "full_directions" not in round_.cache:
         # Principal directions from a seeded sample of the candidates' trunk changes, shared by every shard.
-        rng = np.random.default_rng([state.seed, state.round_index, 5011])
+        rng = seeding.rng(state.seed, state.round_index, Stream.TRUNK_DIRECTIONS)
         sample = np.sort(rng.choice(len(round_.candidates), size=min(512, len(round_.candidates)), replace=False))
         sample_indices = round_.candidates[sample]
-        sample_images = _images(state, sample_indices).clone()
+        sample_images = pool_images(state, sample_indices).clone()
         sample_targets = embed_pool(state.model, state.dataset, sample_indices, state.device, batch).clone()
         _, sample_trunk, trunk_names = candidate_updates(student, sample_images, sample_targets, round_.rule,
                                                          options.chunk_size * 16)
         directions = principal_directions(sample_trunk, options.trunk_rank)
         weight = problem["weight"][:, :-1]  # (D, d_in)
         if directions.shape[1]:
-            eval_images = _images(state, round_.evaluation).clone()
+            eval_images = pool_images(state, round_.evaluation).clone()
             jacobian = trunk_jacobian_products(student, eval_images, directions, trunk_names)  # (Ne, d_in, R)
             moves = torch.einsum("dh,uhr->udr", weight, jacobian)
         else:
@@ -182,7 +183,7 @@ def full_fast_distances(state, round_, indices: np.ndarray, options) -> np.ndarr
     coefficients, alphas = [], []
     for start in range(0, len(indices), batch):  # keep only (a_c, alpha_c), never the whole changes
         part = indices[start:start + batch]
-        images = _images(state, part).clone()
+        images = pool_images(state, part).clone()
         targets = embed_pool(state.model, state.dataset, part, state.device, batch).clone()
         layer_change, trunk_change, _ = candidate_updates(student, images, targets, round_.rule, options.chunk_size * 16)
         own = inputs[start:start + batch]

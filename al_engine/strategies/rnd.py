@@ -7,8 +7,6 @@ anything labeled keep a large prediction error, so the largest error is queried 
 """
 from __future__ import annotations
 
-import base64
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..seeding import round_seed
+from ..seeding import Stream, torch_seed
+from ..tensor_text import decode_tensors, encode_tensors
 from ..train import DistillConfig, distill_student, embed_pool, fresh_copy
 from . import register_strategy
 from .base import QueryState, Strategy
@@ -35,17 +34,6 @@ class RNDOptions:
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
             raise ConfigError("rnd needs epochs >= 1, batch_size >= 2 and a positive lr")
-
-
-def _tensor_bytes(module: nn.Module) -> str:
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buffer)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _load_bytes(module: nn.Module, text: str) -> None:
-    state = torch.load(io.BytesIO(base64.b64decode(text)), map_location="cpu", weights_only=True)
-    module.load_state_dict(state)
 
 
 @register_strategy
@@ -67,13 +55,13 @@ class RandomNetworkDistillation(Strategy):
         """Build the target (from the run's seed) and the predictor on first use or after a resume."""
         if self.target is None:
             self.run_seed = state.seed if self.run_seed is None else self.run_seed
-            self.target = fresh_copy(state.model, round_seed(self.run_seed, 0, 91)).to(state.device)
+            self.target = fresh_copy(state.model, torch_seed(self.run_seed, 0, Stream.RND_TARGET)).to(state.device)
             for parameter in self.target.parameters():
                 parameter.requires_grad_(False)
         if self.predictor is None:
-            self.predictor = fresh_copy(state.model, round_seed(self.run_seed, 0, 92)).to(state.device)
+            self.predictor = fresh_copy(state.model, torch_seed(self.run_seed, 0, Stream.RND_PREDICTOR)).to(state.device)
             if self._saved_predictor is not None:
-                _load_bytes(self.predictor, self._saved_predictor)
+                self.predictor.load_state_dict(decode_tensors(self._saved_predictor))
                 self.predictor.to(state.device)
                 self._saved_predictor = None
 
@@ -85,12 +73,12 @@ class RandomNetworkDistillation(Strategy):
         if self._trained_key == key:
             return
         if self.options.reset:
-            self.predictor = fresh_copy(state.model, round_seed(self.run_seed, state.round_index, 92)).to(state.device)
+            self.predictor = fresh_copy(state.model, torch_seed(self.run_seed, state.round_index, Stream.RND_PREDICTOR)).to(state.device)
         targets = embed_pool(self.target, state.dataset, labeled, state.device, state.train_config.eval_batch_size)
         config = DistillConfig(lr=self.options.lr, batch_size=self.options.batch_size, max_epochs=self.options.epochs,
                                min_epochs=min(3, self.options.epochs), fixed_epochs=not self.options.saturate)
         result = distill_student(self.predictor, self.target, state.dataset, labeled, config, state.device,
-                                 seed=round_seed(self.run_seed, state.round_index, 93), teacher_features=targets.clone())
+                                 seed=torch_seed(self.run_seed, state.round_index, Stream.RND_ORDER), teacher_features=targets.clone())
         self.rounds_trained += 1
         self.diagnostics = {"predictor_epochs": result.epochs, "predictor_loss": result.final_loss,
                             "rounds_trained": self.rounds_trained}
@@ -111,7 +99,7 @@ class RandomNetworkDistillation(Strategy):
             return {} if self._saved_predictor is None else {
                 "run_seed": self.run_seed, "rounds_trained": self.rounds_trained, "predictor": self._saved_predictor}
         return {"run_seed": self.run_seed, "rounds_trained": self.rounds_trained,
-                "predictor": _tensor_bytes(self.predictor)}
+                "predictor": encode_tensors(self.predictor.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
