@@ -7,14 +7,15 @@
     python app.py users add NAME [--role annotator|admin]
     python app.py strategies
 
-Every user error is one line on stderr and exit status 2, never a traceback.
+Every flag is declared once here and is named after the setting it fills (`--query-size` fills
+`RunConfig.query_size`), so `run_config_from_args` reads a RunConfig off the parsed arguments by
+field name. Every user error is one line on stderr and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-
-from al_engine.arguments import comma_list, key_value
 
 SUBCOMMANDS = ("bench", "export", "strategies", "users")
 
@@ -25,6 +26,38 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f"app.py: error: {message}\n")
         raise SystemExit(2)
+
+
+# --------------------------------------------------------------------------------------------
+# Value types, so a list or an option is spelled and refused the same way by every command
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """'key=value' (the value may itself hold '=')."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def comma_list(text: str) -> list[str]:
+    """'a,b,c' with blanks around items ignored; an empty list is refused."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def int_list(text: str) -> list[int]:
+    """'0,1,2'."""
+    try:
+        return [int(item) for item in comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Flags, each declared once
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,16 +91,38 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-start", action="store_true", help="continue from last round's weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    parser.add_argument("--strategy-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
-                        help="an option of the strategy (repeatable); see `app.py strategies`")
+    parser.add_argument("--strategy-option", dest="strategy_options", type=key_value, action="append", default=[],
+                        metavar="KEY=VALUE", help="an option of the strategy (repeatable); see `app.py strategies`")
+    parser.add_argument("--oracle-noise", type=float, default=0.0,
+                        help="simulated oracle: probability of a wrong answer")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_db_argument(parser: argparse.ArgumentParser, default: object = "annotations.db") -> None:
+    """--db; a subcommand's copy passes default=SUPPRESS so that `users --db X add` and
+    `users add --db X` both work."""
+    parser.add_argument("--db", default=default, help="SQLite database of the annotator (default: annotations.db)")
+
+
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", default="annotations.db", help="SQLite database of the annotator")
+    add_db_argument(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--token", help="sign-in token (default: a random one, printed at start)")
+
+
+def run_config_from_args(args: argparse.Namespace, **overrides):
+    """The RunConfig whose fields the arguments name (each flag fills the field of its name)."""
+    from al_engine.config import RunConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
+    values["strategy_options"] = dict(values.get("strategy_options") or [])
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -82,25 +137,8 @@ def build_run_parser() -> argparse.ArgumentParser:
                         help="query strategy; `app.py strategies` lists them")
     parser.add_argument("--oracle", default="human", choices=["human", "simulated"],
                         help="who answers: people in the browser, or the ground truth")
-    parser.add_argument("--oracle-noise", type=float, default=0.0,
-                        help="simulated oracle: probability of a wrong answer")
     parser.add_argument("--out", help="folder for a simulated run's files")
     return parser
-
-
-def run_config_from_args(args: argparse.Namespace, strategy: str | None = None, seed: int | None = None,
-                         out: str | None = None):
-    from al_engine.loop import RunConfig
-
-    return RunConfig(
-        dataset=args.dataset, data_dir=args.data_dir, download=args.download, subset=args.subset,
-        classes=args.classes, image_size=args.image_size, model=args.model, embed_dim=args.embed_dim,
-        strategy=strategy or getattr(args, "strategy", "random"), strategy_options=dict(args.strategy_option),
-        initial=args.initial, query_size=args.query_size, rounds=args.rounds,
-        seed=args.seed if seed is None else seed, train_preset=args.train_preset, epochs=args.epochs,
-        lr=args.lr, augment=args.augment, warm_start=args.warm_start, device=args.device,
-        oracle_noise=getattr(args, "oracle_noise", 0.0), out=out or getattr(args, "out", None),
-    )
 
 
 def command_run(argv: list[str]) -> int:
@@ -133,16 +171,82 @@ def command_strategies(argv: list[str]) -> int:
     return 0
 
 
-def command_bench(argv: list[str]) -> int:
-    from al_engine.bench import add_bench_arguments, run_bench_from_args
+def preset_keys() -> tuple[str, ...]:
+    """The settings a bench preset may fill in: the Preset dataclass's own fields."""
+    from al_engine.presets import Preset
+
+    return tuple(f.name for f in dataclasses.fields(Preset) if f.name not in ("description", "source"))
+
+
+def build_bench_parser() -> argparse.ArgumentParser:
+    from al_engine.bench import DEFAULT_SEEDS
+    from al_engine.presets import preset_names
 
     parser = OneLineParser(prog="app.py bench", description="Run strategies x seeds and summarise them.")
     add_data_arguments(parser)
     add_engine_arguments(parser)
-    add_bench_arguments(parser)
+    parser.add_argument("--strategies", type=comma_list, default=None, metavar="A,B,C",
+                        help="strategies to compare; options as name:key=value (e.g. lookahead:mode=last-layer)")
+    parser.add_argument("--seeds", type=int_list, default=DEFAULT_SEEDS, metavar="0,1,2",
+                        help="seeds, paired across strategies (default: 0,1,2,3,4; bench ignores --seed)")
+    parser.add_argument("--out", required=True, help="folder of the bench (resumed when it exists)")
+    parser.add_argument("--preset", metavar="NAME",
+                        help=f"a published set-up: {', '.join(preset_names())}; explicit flags override it")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="runs at once, each in its own process with an equal share of the CPU threads")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="record a run that crashes and go on with the others")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing; rewrite the summary from the runs already finished")
+    # Explicit flags beat the preset, which beats the defaults: hide the defaults until a preset is known.
+    keys = preset_keys()
+    parser.set_defaults(bench_defaults={key: parser.get_default(key) for key in keys}, **{key: None for key in keys})
+    return parser
+
+
+def bench_config_from_args(args: argparse.Namespace):
+    """Fill what the command line left unsaid from --preset, then from the parser's defaults."""
+    from pathlib import Path
+
+    from al_engine.bench import BenchConfig, StrategySpec
+    from al_engine.errors import ConfigError
+    from al_engine.presets import get_preset
+
+    preset = get_preset(args.preset).settings() if args.preset else {}
+    for key in preset_keys():
+        if getattr(args, key, None) is None:
+            setattr(args, key, preset.get(key, args.bench_defaults.get(key)))
+    if args.strategy_options:
+        raise ConfigError("bench takes options per strategy: --strategies name:key=value (not --strategy-option)")
+    base = run_config_from_args(args, strategy="random", seed=0, out=None)  # each run sets these three
+    return BenchConfig(base=base, strategies=[StrategySpec.parse(text) for text in args.strategies or []],
+                       out=Path(args.out), seeds=list(args.seeds), preset=args.preset, keep_going=args.keep_going,
+                       workers=args.workers)
+
+
+def command_bench(argv: list[str]) -> int:
+    """Run the grid and print where the summary is; 1 if a run failed."""
+    from pathlib import Path
+
+    from al_engine.bench import rewrite_report, run_bench
     from oracle.simulated import SimulatedOracle
 
-    return run_bench_from_args(parser.parse_args(argv), SimulatedOracle.for_run)
+    args = build_bench_parser().parse_args(argv)
+    bench = bench_config_from_args(args)
+    if args.report_only:
+        print(f"report of {rewrite_report(bench)} finished runs written to {bench.out}")
+        return 0
+    result = run_bench(bench, SimulatedOracle.for_run, progress=not args.no_progress)
+    if not result.is_main:
+        return 0
+    grid_size = len(bench.strategies) * len(bench.seeds)
+    print(f"bench: {result.finished} of {grid_size} runs finished ({result.skipped} already were), "
+          f"{result.wall_s:.1f} s; summary in {Path(bench.out) / 'summary.md'}")
+    for label, entry in result.summary.items():
+        test = entry.get("vs_random")
+        verdict = f", vs random: {test['verdict']} (p={test['p_value']})" if test and test["p_value"] is not None else ""
+        print(f"  {label}: AULC {entry['aulc_mean']:.4f} ± {entry['aulc_std']:.4f}{verdict}")
+    return 1 if result.failures else 0
 
 
 def command_export(argv: list[str]) -> int:
@@ -151,7 +255,7 @@ def command_export(argv: list[str]) -> int:
     parser = OneLineParser(prog="app.py export", description="Export the labeled set.")
     parser.add_argument("--format", required=True, choices=["csv", "jsonl", "imagefolder"])
     parser.add_argument("--out", required=True, help="file (csv, jsonl) or folder (imagefolder) to write")
-    parser.add_argument("--db", default="annotations.db", help="SQLite database of the annotator")
+    add_db_argument(parser)
     return export_command(parser.parse_args(argv))
 
 
@@ -159,14 +263,14 @@ def command_users(argv: list[str]) -> int:
     from annotator.cli import users_command
 
     parser = OneLineParser(prog="app.py users", description="Manage named annotators.")
-    parser.add_argument("--db", default="annotations.db", help="SQLite database of the annotator")
+    add_db_argument(parser)
     sub = parser.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
     add = sub.add_parser("add", help="add an annotator and print their token")
     add.add_argument("name")
     add.add_argument("--role", default="annotator", choices=["annotator", "admin"])
-    add.add_argument("--db", default=argparse.SUPPRESS, help="SQLite database of the annotator")
     listing = sub.add_parser("list", help="list annotators")
-    listing.add_argument("--db", default=argparse.SUPPRESS, help="SQLite database of the annotator")
+    for subcommand in (add, listing):
+        add_db_argument(subcommand, default=argparse.SUPPRESS)
     return users_command(parser.parse_args(argv))
 
 

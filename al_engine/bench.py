@@ -14,7 +14,6 @@ The oracle factory is a parameter: the engine does not import the oracle package
 """
 from __future__ import annotations
 
-import argparse
 import calendar
 import dataclasses
 import hashlib
@@ -28,20 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .arguments import comma_list, int_list
+from .config import RunConfig
 from .data import Dataset, load_dataset, take_subset
 from .distributed import broadcast_from_main, init_distributed, is_initialised, run_or_serve
 from .errors import ConfigError
-from .loop import RunConfig, RunFiles, _comparable, read_jsonl
-from .presets import get_preset, preset_names
+from .loop import run_simulation
 from .report import BASELINE, RunCurve, write_report
+from .runfiles import RunFiles, read_jsonl
 from .strategies import get_strategy
 from .train import resolve_device
 
 DEFAULT_SEEDS = [0, 1, 2, 3, 4]  # 3 seeds can make a strategy look better or worse than random by chance
-# Settings a preset may fill in; the command line's own defaults apply when neither says anything.
-PRESET_KEYS = ("dataset", "model", "initial", "query_size", "rounds", "train_preset", "epochs", "subset",
-               "strategies", "seeds")
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
@@ -143,10 +139,7 @@ def is_finished(config: RunConfig) -> bool:
     files = RunFiles(config.out)
     if files.finished_rounds() < config.rounds + 1:
         return False
-    if files.config.exists():
-        previous = json.loads(files.config.read_text()).get("settings", {})
-        if _comparable(previous) != _comparable(dataclasses.asdict(config)):
-            raise ConfigError(f"{files.out} holds a run with other settings; choose another --out")
+    files.check_comparable(dataclasses.asdict(config))
     return True
 
 
@@ -244,8 +237,6 @@ def _init_worker(base: RunConfig, dataset: Dataset | None, threads: int) -> None
 
 
 def _run_in_worker(config: RunConfig, oracle_factory: OracleFactory) -> None:
-    from .loop import run_simulation
-
     run_simulation(config, oracle_factory, progress=False, dataset=_worker_datasets.for_seed(config.seed))
 
 
@@ -370,72 +361,10 @@ def write_bench_report(bench: BenchConfig, log: dict) -> tuple[dict, int]:
     return summary, len(curves)
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The bench's own flags; app.py has already added the data and engine flags."""
-    parser.add_argument("--strategies", type=comma_list, default=None, metavar="A,B,C",
-                        help="strategies to compare; options as name:key=value (e.g. lookahead:mode=last-layer)")
-    parser.add_argument("--seeds", type=int_list, default=DEFAULT_SEEDS, metavar="0,1,2",
-                        help="seeds, paired across strategies (default: 0,1,2,3,4; bench ignores --seed)")
-    parser.add_argument("--out", required=True, help="folder of the bench (resumed when it exists)")
-    parser.add_argument("--preset", metavar="NAME",
-                        help=f"a published set-up: {', '.join(preset_names())}; explicit flags override it")
-    parser.add_argument("--oracle-noise", type=float, default=0.0,
-                        help="probability that the simulated oracle answers a wrong class")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="runs at once, each in its own process with an equal share of the CPU threads")
-    parser.add_argument("--keep-going", action="store_true",
-                        help="record a run that crashes and go on with the others")
-    parser.add_argument("--report-only", action="store_true",
-                        help="run nothing; rewrite the summary from the runs already finished")
-    # Explicit flags beat the preset, which beats the defaults: hide the defaults until a preset is known.
-    defaults = {key: parser.get_default(key) for key in PRESET_KEYS}
-    parser.set_defaults(bench_defaults=defaults, **{key: None for key in PRESET_KEYS})
-
-
-def resolve_preset(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill what the command line left unsaid from --preset, then from the parser's defaults."""
-    preset = get_preset(args.preset).settings() if getattr(args, "preset", None) else {}
-    defaults = getattr(args, "bench_defaults", {})
-    for key in PRESET_KEYS:
-        if getattr(args, key, None) is None:
-            setattr(args, key, preset.get(key, defaults.get(key)))
-    return args
-
-
-def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
-    args = resolve_preset(args)
-    if getattr(args, "strategy_option", None):
-        raise ConfigError("bench takes options per strategy: --strategies name:key=value (not --strategy-option)")
-    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"strategy", "strategy_options", "seed", "out"}
-    base = RunConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
-    return BenchConfig(base=base, strategies=[StrategySpec.parse(text) for text in args.strategies or []],
-                       out=Path(args.out), seeds=list(args.seeds), preset=args.preset,
-                       keep_going=args.keep_going, workers=args.workers)
-
-
-def run_bench_from_args(args: argparse.Namespace, oracle_factory: OracleFactory) -> int:
-    """The `app.py bench` command: run the grid, print where the summary is; 1 if a run failed."""
-    bench = bench_config_from_args(args)
-    if args.report_only:
-        bench.validate()
-        path = Path(bench.out) / "bench.json"
-        log = json.loads(path.read_text()) if path.exists() else {"invocations": []}
-        _wall_times(log)
-        _, finished = write_bench_report(bench, log)
-        print(f"report of {finished} finished runs written to {bench.out}")
-        return 0
-    result = run_bench(bench, oracle_factory, progress=not args.no_progress)
-    if not result.is_main:
-        return 0
-    grid_size = len(bench.strategies) * len(bench.seeds)
-    print(f"bench: {result.finished} of {grid_size} runs finished ({result.skipped} already were), "
-          f"{result.wall_s:.1f} s; summary in {Path(bench.out) / 'summary.md'}")
-    for label, entry in result.summary.items():
-        test = entry.get("vs_random")
-        verdict = f", vs random: {test['verdict']} (p={test['p_value']})" if test and test["p_value"] is not None else ""
-        print(f"  {label}: AULC {entry['aulc_mean']:.4f} ± {entry['aulc_std']:.4f}{verdict}")
-    return 1 if result.failures else 0
+def rewrite_report(bench: BenchConfig) -> int:
+    """Run nothing: write the summary and plots again from the runs already finished; returns their count."""
+    bench.validate()
+    path = Path(bench.out) / "bench.json"
+    log = json.loads(path.read_text()) if path.exists() else {"invocations": []}
+    _wall_times(log)
+    return write_bench_report(bench, log)[1]

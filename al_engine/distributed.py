@@ -2,7 +2,7 @@
 
 Scoring the pool is the part of a round that grows with the data, so every rank takes a contiguous
 shard of `state.unlabeled_indices` and works only on it. How the shards' work is joined depends on
-the strategy (`sharding_plan`):
+the strategy (`Strategy.sharding_plan`, declared by each strategy class; this module knows no names):
 
 - "shard":  per-item scores (entropy, margin, adversarial, lookahead's exact/batched/full-fast modes).
             Each rank scores its shard through `state.candidates`, keeps its own top k, and the
@@ -15,50 +15,28 @@ the strategy (`sharding_plan`):
             views are all-gathered in pool order, and rank 0 runs the strategy's selection on them;
             the forward passes over the pool, the costly part, are what is sharded.
 - "main":   rank 0 answers alone and broadcasts (random sampling, whose numbers come from one
-            stream over the whole pool, and any strategy this module knows nothing about).
+            stream over the whole pool; lookahead's last-layer mode, which certifies its shortlist
+            over every candidate; any selection without gathered views).
 
 Every rank must hold the same model: `sharded_query` broadcasts rank 0's weights first. Gloo is used
 on CPUs and NCCL on GPUs. `torchrun ... app.py --oracle simulated ...` runs a whole run this way
-(`run_simulation_distributed`: rank 0 trains and writes, all ranks score). `python -m
-al_engine.distributed` is a scoring job (train on a seeded initial set, then time sharded queries)
-for the tests and benchmarks/distributed_scoring.py.
+(`run_simulation_distributed`: rank 0 trains and writes, all ranks score). benchmarks/scoring_job.py
+times sharded queries alone.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .arguments import key_value
-from .errors import ConfigError, UserError
-from .strategies import QueryState, Strategy, top_k
-
-# Strategies that select from a global view, and the QueryState views (cached under the method's
-# name) their selection reads over the unlabeled pool. Labeled views are small: rank 0 computes them.
-GATHER_VIEWS: dict[str, tuple[str, ...]] = {
-    "kcenter-greedy": ("unlabeled_embeddings",),
-    "coreset": ("unlabeled_embeddings",),
-    "kmeans": ("unlabeled_embeddings",),
-    "badge": ("unlabeled_embeddings",),
-    "typiclust": ("unlabeled_embeddings",),
-    # MC dropout samples only the head (dropout sits before the last layer), from one seeded stream
-    # over the pool: gathering the trunk's features keeps the picks those of one process.
-    "bald": ("unlabeled_embeddings",),
-    "least-confidence-dropout": ("unlabeled_embeddings",),
-    "margin-dropout": ("unlabeled_embeddings",),
-    "entropy-dropout": ("unlabeled_embeddings",),
-}
-# Scores drawn from one random stream over the whole pool: cheap, and only exact when done once.
-MAIN_ONLY = {"random"}
-
+from .engine import Engine
+from .loop import run_simulation
+from .strategies import QueryState, Strategy, picks_available, top_k
+from .train import resolve_device
 
 @dataclass
 class DistributedContext:
@@ -115,29 +93,6 @@ def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def sharding_plan(strategy: Strategy) -> tuple[str, tuple[str, ...]]:
-    """("shard" | "gather" | "main", views to gather) for this strategy (see the module docstring).
-
-    A strategy class may declare its own plan with the attributes `distributed` and `global_views`.
-    """
-    declared = getattr(strategy, "distributed", None)
-    if declared is not None:
-        return declared, tuple(getattr(strategy, "global_views", ()))
-    if strategy.name in MAIN_ONLY:
-        return "main", ()
-    if strategy.name in GATHER_VIEWS:
-        return "gather", GATHER_VIEWS[strategy.name]
-    if strategy.name == "lookahead":
-        options = strategy.options
-        # last-layer re-scores a shortlist it certifies over all candidates: cheap, and global.
-        if getattr(options, "mode", "") == "last-layer" or getattr(options, "batch_aware", False):
-            return "main", ()
-        return "shard", ()
-    if type(strategy).select is Strategy.select:  # scores item by item
-        return "shard", ()
-    return "main", ()
-
-
 def broadcast_model(model: torch.nn.Module, src: int = 0) -> None:
     """Make every rank's weights and buffers those of rank `src`."""
     with torch.no_grad():
@@ -178,15 +133,13 @@ def sharded_query(strategy: Strategy, state: QueryState, k: int, sync_model: boo
     context = current_context()
     if not context.active:
         return strategy.query(state, k)
-    if k < 1:
-        raise ConfigError(f"query size must be at least 1, got {k}")
+    candidates = state.unlabeled_indices
+    k = picks_available(k, len(candidates))
     if sync_model:
         broadcast_model(state.model)
-    candidates = state.unlabeled_indices
-    k = min(k, len(candidates))
     if k == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
-    mode, views = sharding_plan(strategy)
+    mode, views = strategy.sharding_plan()
     bounds = [shard_bounds(len(candidates), r, context.world_size) for r in range(context.world_size)]
     start, stop = bounds[context.rank]
     shard_state = dataclasses.replace(state, candidates=candidates[start:stop], cache={})
@@ -230,41 +183,29 @@ def sharded_query(strategy: Strategy, state: QueryState, k: int, sync_model: boo
 class QueryCoordinator:
     """Rank 0's query hook: tell the other ranks what to score this round, then score with them."""
 
-    def __call__(self, strategy: Strategy, state: QueryState, k: int) -> tuple[np.ndarray, np.ndarray]:
-        _broadcast_result({"round": state.round_index, "k": k, "pool": state.pool.to_dict(),
-                           "strategy_state": strategy.state_dict()})
-        return sharded_query(strategy, state, k)
+    def __call__(self, engine: Engine, state: QueryState, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # The model's weights go out in sharded_query; the rest of the engine's state goes here.
+        _broadcast_result({"round": state.round_index, "k": k, "engine": engine.state_dict(with_model=False)})
+        return sharded_query(engine.strategy, state, k)
 
     def stop(self) -> None:
         _broadcast_result({"stop": True})
 
 
 def serve_queries(config, dataset=None) -> int:
-    """A worker rank's loop: rebuild each round's state from rank 0's message and score its shard.
+    """A worker rank's loop: load each round's engine state from rank 0's message, score its shard.
 
-    Returns the number of rounds served. The model's weights arrive with every query.
+    Returns the number of rounds served.
     """
-    from .data import Pool, load_dataset
-    from .models import build_model
-    from .seeding import round_seed, seed_everything
-    from .strategies import get_strategy
-    from .train import resolve_device
-
-    device = resolve_device(config.device)
-    dataset = dataset if dataset is not None else load_dataset(config.dataset, config.load_options())
-    strategy = get_strategy(config.strategy, **config.strategy_options)
-    train_config = config.train_config()
-    model = build_model(config.model, dataset.image_shape, dataset.num_classes, config.embed_dim).to(device).eval()
+    engine = Engine(config, dataset=dataset)
+    engine.model = engine.new_model().eval()  # its weights arrive with every query
     served = 0
     while True:
         message = _broadcast_result(None)
         if message.get("stop"):
             return served
-        strategy.load_state_dict(message["strategy_state"])
-        seed_everything(round_seed(config.seed, message["round"], 2))  # as Engine.query seeds rank 0
-        state = QueryState(model=model, dataset=dataset, pool=Pool.from_dict(message["pool"]), device=device,
-                           round_index=message["round"], seed=config.seed, train_config=train_config)
-        sharded_query(strategy, state, message["k"])
+        engine.load_state_dict(message["engine"])
+        sharded_query(engine.strategy, engine.query_state(message["round"]), message["k"])
         served += 1
 
 
@@ -274,8 +215,6 @@ def run_or_serve(config, oracle_factory, context: DistributedContext, progress: 
 
     Returns the run's metrics on rank 0 and [] on the others; with one process it is `run_simulation`.
     """
-    from .loop import run_simulation
-
     if not context.active:
         return run_simulation(config, oracle_factory, progress=progress, dataset=dataset)
     if context.is_main:
@@ -299,8 +238,6 @@ def run_simulation_distributed(config, oracle_factory, progress: bool = True, da
     Rank 0 trains, asks the oracle and writes every file; the other ranks only score (they return []).
     Launched without torchrun it is `run_simulation` itself.
     """
-    from .train import resolve_device
-
     owned = not is_initialised()
     context = init_distributed(resolve_device(config.device))
     try:
@@ -308,115 +245,3 @@ def run_simulation_distributed(config, oracle_factory, progress: bool = True, da
     finally:
         if owned and context.active:
             dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------------------------
-# A scoring job for torchrun: tests and benchmarks
-
-
-@dataclass
-class ScoringJob:
-    """Train once on a seeded initial set, then time `repeat` sharded queries of one strategy."""
-
-    dataset: str = "digits"
-    subset: int | None = None  # seeded random N items of the pool
-    model: str = "auto"
-    strategy: str = "entropy"
-    strategy_options: dict = dataclasses.field(default_factory=dict)
-    initial: int = 100  # labels the model is trained on
-    query_size: int = 100  # picks per query
-    epochs: int = 5  # training epochs (fixed)
-    seed: int = 0
-    repeat: int = 1  # timed queries (the first one included)
-    device: str = "cpu"
-    threads: int = 0  # torch threads per process (0 = torch's default)
-    weights: str | None = None  # load the model from this file instead of training
-    save_weights: str | None = None  # rank 0 saves the trained model here (to reuse with `weights`)
-
-
-def run_scoring_job(job: ScoringJob) -> dict | None:
-    """Run the job on this rank; rank 0 returns the picks and timings, other ranks None."""
-    from .data import LoadOptions, Pool, load_dataset
-    from .models import build_model
-    from .seeding import round_seed, seed_everything
-    from .strategies import get_strategy
-    from .train import resolve_device, train_classifier, train_preset
-
-    strategy = get_strategy(job.strategy, **job.strategy_options)  # a bad name fails before any work
-    if job.threads:
-        torch.set_num_threads(job.threads)
-    device = resolve_device(job.device)
-    context = init_distributed(device)
-    if device.type == "cuda" and context.world_size > 1:
-        device = torch.device("cuda", context.local_rank)
-    dataset = load_dataset(job.dataset, LoadOptions(subset=job.subset, seed=job.seed))
-    pool = Pool(len(dataset.train_labels))
-    initial = pool.initial_indices(job.initial, job.seed)
-    pool.add_labels(initial, dataset.train_labels[initial].numpy(), round_index=-1)
-    seed_everything(job.seed)
-    model = build_model(job.model, dataset.image_shape, dataset.num_classes).to(device)
-    train_config = train_preset("saturate", max_epochs=job.epochs, fixed_epochs=True)
-    train_s = 0.0
-    if job.weights:
-        model.load_state_dict(torch.load(job.weights, map_location=device))
-    elif context.is_main:  # the others receive rank 0's weights in sharded_query
-        train_s = train_classifier(model, dataset, initial, pool.labels[initial], train_config, device,
-                                   seed=job.seed).seconds
-        if job.save_weights:
-            torch.save(model.state_dict(), job.save_weights)
-    model.eval()
-    times, picks, scores = [], None, None
-    for _ in range(job.repeat):
-        if context.active:
-            dist.barrier()
-        strategy = get_strategy(job.strategy, **job.strategy_options)  # fresh: no cache from the last repeat
-        seed_everything(round_seed(job.seed, 0, 2))  # every rank's random state as Engine.query sets it
-        state = QueryState(model=model, dataset=dataset, pool=pool, device=device, round_index=0, seed=job.seed,
-                           train_config=train_config)
-        start = time.perf_counter()
-        picks, scores = sharded_query(strategy, state, job.query_size)
-        times.append(time.perf_counter() - start)
-    if context.active:
-        dist.barrier()
-        dist.destroy_process_group()
-    if not context.is_main:
-        return None
-    return {"strategy": job.strategy, "strategy_options": job.strategy_options, "world_size": context.world_size,
-            "backend": context.backend, "threads": torch.get_num_threads(), "device": str(device),
-            "pool": len(dataset.train_labels), "unlabeled": int(len(pool.unlabeled_indices)),
-            "plan": sharding_plan(strategy)[0], "train_s": round(train_s, 3),
-            "query_s": [round(t, 4) for t in times], "picks": [int(i) for i in picks],
-            "scores": [float(s) for s in scores]}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m al_engine.distributed",
-                                     description="Time sharded scoring of one strategy (launch with torchrun).")
-    defaults = ScoringJob()
-    for name, value in dataclasses.asdict(defaults).items():
-        if name == "strategy_options":
-            parser.add_argument("--strategy-option", type=key_value, action="append", default=[])
-        elif name in ("subset", "weights", "save_weights"):
-            parser.add_argument(f"--{name.replace('_', '-')}", type=int if name == "subset" else str, default=None)
-        else:
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--json", help="also write rank 0's result to this file")
-    args = parser.parse_args(argv)
-    job = ScoringJob(**{name: getattr(args, name) for name in dataclasses.asdict(defaults) if name != "strategy_options"},
-                     strategy_options=dict(args.strategy_option))
-    try:
-        result = run_scoring_job(job)
-    except UserError as error:
-        sys.stderr.write(f"al_engine.distributed: error: {error}\n")
-        return 2
-    if result is not None:
-        text = json.dumps(result)
-        print(text)
-        if args.json:
-            with open(args.json, "w") as handle:
-                handle.write(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -144,7 +144,8 @@ def latency_phases(args, db_dir: str) -> list[dict]:
     import numpy as np
 
     from al_engine.data import load_dataset
-    from al_engine.loop import Engine, RunConfig
+    from al_engine.config import RunConfig
+    from al_engine.engine import Engine
     from annotator import create_app
     from annotator.cli import make_server
     from annotator.db import AnnotationDB

@@ -31,9 +31,9 @@ def emit(record: dict) -> None:
 
 def run_job(arguments: list[str], processes: int, threads: int, out: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    launcher = [sys.executable, "-m", "al_engine.distributed"] if processes == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-         "-m", "al_engine.distributed"]
+    job = str(ROOT / "benchmarks" / "scoring_job.py")
+    launcher = [sys.executable, job] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", job]
     completed = subprocess.run([*launcher, *arguments, "--threads", str(threads), "--json", str(out)], cwd=ROOT,
                                env=env, capture_output=True, text=True)
     if completed.returncode != 0:

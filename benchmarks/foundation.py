@@ -22,7 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from al_engine.data import load_dataset  # noqa: E402
-from al_engine.loop import Engine, RunConfig, read_jsonl, run_simulation  # noqa: E402
+from al_engine.config import RunConfig  # noqa: E402
+from al_engine.engine import Engine  # noqa: E402
+from al_engine.loop import run_simulation  # noqa: E402
+from al_engine.runfiles import read_jsonl  # noqa: E402
 from al_engine.models import build_model  # noqa: E402
 from al_engine.train import evaluate_accuracy, resolve_device, train_classifier, train_preset  # noqa: E402
 

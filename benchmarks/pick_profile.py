@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from al_engine.bench import StrategySpec  # noqa: E402
 from al_engine.data import load_dataset  # noqa: E402
-from al_engine.loop import RunConfig, read_jsonl  # noqa: E402
+from al_engine.config import RunConfig  # noqa: E402
+from al_engine.runfiles import read_jsonl  # noqa: E402
 
 
 def profile_batches(batches: list[np.ndarray], num_classes: int) -> dict:

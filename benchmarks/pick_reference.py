@@ -55,7 +55,7 @@ import json, sys
 import torch
 torch.set_num_threads(1)
 from al_engine.data import LoadOptions, load_dataset
-from al_engine.loop import RunConfig
+from al_engine.config import RunConfig
 from annotator import create_app
 
 out = sys.argv[1]

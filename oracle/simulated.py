@@ -3,9 +3,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from al_engine import seeding
+from al_engine.config import RunConfig
 from al_engine.data import Dataset
 from al_engine.errors import ConfigError
-from al_engine.loop import RunConfig, noisy_answers
+from al_engine.seeding import Stream
+
+
+def noisy_answers(labels: np.ndarray, indices: np.ndarray, noise: float, num_classes: int,
+                  seed: int, round_index: int) -> np.ndarray:
+    """Ground-truth labels, each replaced with probability `noise` by a different class (seeded per round)."""
+    answers = labels[np.asarray(indices, dtype=np.int64)].copy()
+    if noise > 0 and len(answers):
+        rng = seeding.rng(seed, round_index + 1, Stream.ORACLE_NOISE)  # +1: the initial set is round -1
+        flip = rng.random(len(answers)) < noise
+        shift = rng.integers(1, num_classes, size=len(answers))  # any class but the true one
+        answers[flip] = (answers[flip] + shift[flip]) % num_classes
+    return answers
 
 
 class SimulatedOracle:

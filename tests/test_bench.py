@@ -7,11 +7,12 @@ import torch
 
 import app
 from al_engine import bench as bench_module
-from al_engine.bench import BenchConfig, StrategySpec, bench_config_from_args, clock_seconds, run_bench
+from al_engine.bench import BenchConfig, StrategySpec, clock_seconds, run_bench
+from al_engine.config import RunConfig
 from al_engine.data import load_dataset, take_subset
 from al_engine.errors import ConfigError
-from al_engine.loop import RunConfig, read_jsonl
 from al_engine.presets import PRESETS, get_preset
+from al_engine.runfiles import read_jsonl
 from oracle.simulated import SimulatedOracle
 
 
@@ -35,12 +36,8 @@ def tiny_bench(out, strategies=("random", "entropy"), seeds=(0, 1), rounds=1, **
     return BenchConfig(base=base, strategies=[StrategySpec.parse(s) for s in strategies], out=out, seeds=list(seeds))
 
 
-def bench_parser():
-    parser = app.OneLineParser(prog="app.py bench")
-    app.add_data_arguments(parser)
-    app.add_engine_arguments(parser)
-    bench_module.add_bench_arguments(parser)
-    return parser
+bench_parser = app.build_bench_parser
+bench_config_from_args = app.bench_config_from_args
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +121,7 @@ def test_every_preset_names_things_that_exist(name):
     from al_engine.train import TRAIN_PRESETS
 
     settings = get_preset(name).settings()
-    assert set(settings) <= set(bench_module.PRESET_KEYS)
+    assert set(settings) <= set(app.preset_keys())
     assert settings["dataset"] in dataset_names() and settings["model"] in model_names()
     assert settings["train_preset"] in TRAIN_PRESETS
     for text in settings.get("strategies", []):

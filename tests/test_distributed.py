@@ -1,4 +1,5 @@
 """Sharded scoring: the merge is exact by hand, and 2 processes pick what 1 process picks."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ import torch.multiprocessing as mp
 
 from al_engine.bench import BenchConfig, StrategySpec, run_bench
 from al_engine.data import Pool, load_dataset, take_subset
-from al_engine.loop import RunConfig, read_jsonl
-from al_engine.distributed import GATHER_VIEWS, main, merge_top_k, shard_bounds, sharded_query, sharding_plan
+from al_engine.config import RunConfig
+from al_engine.runfiles import read_jsonl
+from al_engine.distributed import merge_top_k, shard_bounds, sharded_query
 from al_engine.models import build_model
 from al_engine.strategies import QueryState, get_strategy, strategy_names, top_k
 from al_engine.train import TrainConfig, train_classifier
@@ -69,14 +71,27 @@ def test_merging_shard_top_ks_equals_the_global_top_k(world):
     assert merged.tolist() == scores[top_k(scores, k)].tolist()
 
 
+# Strategies whose selection reads the embeddings of the whole unlabeled pool.
+GLOBAL_VIEW_STRATEGIES = {"kcenter-greedy", "coreset", "kmeans", "badge", "typiclust", "bald",
+                          "least-confidence-dropout", "margin-dropout", "entropy-dropout"}
+
+
 def test_plans_follow_what_each_strategy_reads():
-    assert sharding_plan(get_strategy("entropy")) == ("shard", ())
-    assert sharding_plan(get_strategy("random")) == ("main", ())
-    for name in set(GATHER_VIEWS) & set(strategy_names()):
-        assert sharding_plan(get_strategy(name))[0] == "gather"
-    if "lookahead" in strategy_names():
-        assert sharding_plan(get_strategy("lookahead", mode="exact"))[0] == "shard"
-        assert sharding_plan(get_strategy("lookahead", mode="last-layer"))[0] == "main"
+    assert get_strategy("entropy").sharding_plan() == ("shard", ())
+    assert get_strategy("adversarial-bim").sharding_plan() == ("shard", ())
+    assert get_strategy("random").sharding_plan() == ("main", ())
+    for name in GLOBAL_VIEW_STRATEGIES:
+        assert get_strategy(name).sharding_plan() == ("gather", ("unlabeled_embeddings",)), name
+    assert get_strategy("lookahead", mode="exact").sharding_plan()[0] == "shard"
+    assert get_strategy("lookahead", mode="full-fast").sharding_plan()[0] == "shard"
+    assert get_strategy("lookahead", mode="last-layer").sharding_plan()[0] == "main"
+    assert get_strategy("lookahead", mode="full-fast", batch_aware="true").sharding_plan()[0] == "main"
+
+
+def test_the_sharding_module_names_no_strategy():
+    source = (ROOT / "al_engine" / "distributed.py").read_text()
+    for name in strategy_names():
+        assert f'"{name}"' not in source, name
 
 
 def test_one_process_is_plain_query():
@@ -194,7 +209,7 @@ def test_two_processes_pick_what_one_process_picks(tmp_path):
 def test_torchrun_run_matches_one_process(tmp_path):
     """A whole simulated run under torchrun (2 ranks, gloo) writes what one process writes."""
     import app
-    from al_engine.loop import read_jsonl
+    from al_engine.runfiles import read_jsonl
 
     arguments = ["--oracle", "simulated", "--dataset", "digits", "--subset", "400", "--strategy", "entropy",
                  "--initial", "30", "--query-size", "15", "--rounds", "2", "--epochs", "3", "--device", "cpu",
@@ -218,7 +233,16 @@ def test_torchrun_run_matches_one_process(tmp_path):
     assert not (tmp_path / "two" / "rank1").exists()
 
 
+def _scoring_job_main():
+    spec = importlib.util.spec_from_file_location("scoring_job", ROOT / "benchmarks" / "scoring_job.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up while the class is built
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def test_scoring_job_in_one_process(tmp_path):
+    main = _scoring_job_main()
     assert main(["--strategy", "margin", "--subset", "300", "--initial", "20", "--epochs", "1", "--query-size", "7",
                  "--threads", "1", "--save-weights", str(tmp_path / "w.pt"), "--json", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
@@ -230,6 +254,7 @@ def test_scoring_job_in_one_process(tmp_path):
 
 
 def test_scoring_job_bad_strategy_is_one_line(capsys):
+    main = _scoring_job_main()
     assert main(["--strategy", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown strategy 'nope'" in err and len(err.strip().splitlines()) == 1

@@ -4,9 +4,11 @@ import json
 import numpy as np
 import pytest
 
+from al_engine.engine import Engine
 from al_engine.errors import ConfigError
-from al_engine.loop import Engine, RunFiles, noisy_answers, read_jsonl, run_simulation
-from oracle.simulated import SimulatedOracle
+from al_engine.loop import run_simulation
+from al_engine.runfiles import RunFiles, read_jsonl
+from oracle.simulated import SimulatedOracle, noisy_answers
 
 
 def test_run_writes_the_contract_files(make_run_config):

@@ -9,7 +9,7 @@ import importlib
 import pkgutil
 
 from ..errors import ConfigError
-from .base import QueryState, Strategy, options_help, top_k
+from .base import QueryState, Strategy, options_help, picks_available, top_k
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 _LOADED = False
@@ -56,5 +56,5 @@ def describe_strategies() -> list[tuple[str, str, str]]:
     return [(name, _REGISTRY[name].help, options_help(_REGISTRY[name].Options)) for name in strategy_names()]
 
 
-__all__ = ["QueryState", "Strategy", "get_strategy", "register_strategy", "strategy_names",
+__all__ = ["QueryState", "Strategy", "get_strategy", "picks_available", "register_strategy", "strategy_names",
            "strategy_class", "describe_strategies", "top_k"]

@@ -43,6 +43,7 @@ class GradientEmbeddings:
 class Badge(Strategy):
     name = "badge"
     help = "k-means++ seeding over last-layer gradient embeddings (BADGE)"
+    global_views = ("unlabeled_embeddings",)
 
     def select(self, state: QueryState, k: int) -> tuple[np.ndarray, np.ndarray]:
         features = state.unlabeled_embeddings()  # (U, D)

@@ -87,12 +87,25 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
 
 
+def picks_available(query_size: int, candidates: int) -> int:
+    """How many items a query of `query_size` returns from `candidates` unlabeled items: all of them
+    when fewer are left (the last batch shrinks); a query size below 1 is refused."""
+    if query_size < 1:
+        raise ConfigError(f"query size must be at least 1, got {query_size}")
+    return min(query_size, candidates)
+
+
 class Strategy:
     """Base class: subclasses set `name`, `help`, `Options`, and define `score` or `select`."""
 
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    # How a sharded query (al_engine/distributed.py) splits the work: the QueryState views (method
+    # names) a strategy's selection reads over the whole unlabeled pool, gathered from every rank's
+    # shard; "main" when rank 0 must answer alone (one random stream over the whole pool).
+    global_views: ClassVar[tuple[str, ...]] = ()
+    main_only: ClassVar[bool] = False
 
     def __init__(self, **options):
         self.options = parse_options(self.Options, options, self.name)
@@ -113,10 +126,8 @@ class Strategy:
 
     def query(self, state: QueryState, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k chosen pool indices (in pick order) and their scores."""
-        if k < 1:
-            raise ConfigError(f"query size must be at least 1, got {k}")
         candidates = state.unlabeled_indices
-        k = min(k, len(candidates))
+        k = picks_available(k, len(candidates))
         if k == 0:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
         positions, scores = self.select(state, k)
@@ -124,6 +135,17 @@ class Strategy:
         if len(np.unique(positions)) != len(positions) or len(positions) != k:
             raise RuntimeError(f"strategy {self.name!r} returned {len(positions)} picks with duplicates or a wrong count")
         return candidates[positions], np.asarray(scores, dtype=np.float64)
+
+    def sharding_plan(self) -> tuple[str, tuple[str, ...]]:
+        """("shard" | "gather" | "main", views to gather): item-by-item scores are sharded, a selection
+        over a global view gathers the views, anything else runs on rank 0 alone."""
+        if self.main_only:
+            return "main", ()
+        if self.global_views:
+            return "gather", self.global_views
+        if type(self).select is Strategy.select:  # scores item by item
+            return "shard", ()
+        return "main", ()
 
     # Sharded scoring (al_engine/distributed.py): work a strategy does once per round before it
     # scores (lookahead's student distillation) is done by rank 0 alone and handed to the others.

@@ -88,6 +88,9 @@ def mc_dropout_scores(state: QueryState, samples: int, reduce: Callable[[torch.T
 
 class DropoutStrategy(Strategy):
     """Scores T dropout samples; uncertainty variants score the mean of the samples."""
+    # MC dropout samples only the head (dropout sits before the last layer), from one seeded stream
+    # over the pool: gathering the trunk's features keeps the picks those of one process.
+    global_views = ("unlabeled_embeddings",)
 
     Options = DropoutOptions
     score_function = staticmethod(entropy)

@@ -41,6 +41,7 @@ def distance_to_labeled(state: QueryState) -> tuple[torch.Tensor, torch.Tensor]:
 class KCenterGreedy(Strategy):
     name = "kcenter-greedy"
     help = "farthest-first traversal from the labeled set over embeddings (core-set, greedy)"
+    global_views = ("unlabeled_embeddings",)
 
     def select(self, state: QueryState, k: int) -> tuple[np.ndarray, np.ndarray]:
         features, min_sq = distance_to_labeled(state)
@@ -107,6 +108,7 @@ class Coreset(Strategy):
     name = "coreset"
     help = "robust k-center (core-set): greedy start refined by a MILP with an outlier budget (HiGHS)"
     Options = CoresetOptions
+    global_views = ("unlabeled_embeddings",)
 
     def select(self, state: QueryState, k: int) -> tuple[np.ndarray, np.ndarray]:
         started = time.perf_counter()

@@ -27,6 +27,7 @@ class KMeansSampling(Strategy):
     name = "kmeans"
     help = "k-means over the pool's embeddings; the point nearest each centre"
     Options = KMeansOptions
+    global_views = ("unlabeled_embeddings",)
 
     def select(self, state: QueryState, k: int) -> tuple[np.ndarray, np.ndarray]:
         features = state.unlabeled_embeddings()  # (U, D)

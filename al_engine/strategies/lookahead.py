@@ -29,7 +29,7 @@ from .lookahead_exact import batched_distances, exact_distances, exact_last_laye
 from .lookahead_fast import FixedPatternScorer, exact_distances_closed_form, is_certified, rank_one_coefficients, shortlist_positions
 from .lookahead_full import full_fast_distances
 from .lookahead_round import (LookaheadOptions, LookaheadRound, SharedStudent, candidate_positions, candidate_problem,
-                              last_layer_problem, pool_images, prepare_round, round_key)
+                              pool_images, prepare_round, round_key)
 
 # --------------------------------------------------------------------------------------------
 # Distances by mode, for given candidate pool indices

@@ -9,6 +9,7 @@ from .base import QueryState, Strategy
 class RandomSampling(Strategy):
     name = "random"
     help = "uniformly random unlabeled items (the baseline)"
+    main_only = True  # one random stream over the whole pool: cheap, and only exact when drawn once
 
     def score(self, state: QueryState) -> np.ndarray:
         return state.rng.random(len(state.unlabeled_indices))

@@ -52,6 +52,7 @@ class Typiclust(Strategy):
     name = "typiclust"
     help = "most typical point of the largest clusters without a labeled point (TypiClust)"
     Options = TypiclustOptions
+    global_views = ("unlabeled_embeddings",)
 
     def select(self, state: QueryState, k: int) -> tuple[np.ndarray, np.ndarray]:
         unlabeled = state.unlabeled_embeddings()  # (U, D)

@@ -1,0 +1,64 @@
+"""Every setting of one run (`RunConfig`), checked once, where the run is built.
+
+The command line (app.py) builds a RunConfig from its arguments by field name, so a flag and the
+setting it fills have the same name; config.json records `asdict(config)` as the run's `settings`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .data import LoadOptions
+from .errors import ConfigError
+from .train import TrainConfig, train_preset
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one run; written to config.json."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    subset: int | None = None  # keep a seeded random N of the pool
+    classes: list[str] | None = None  # for a flat folder of unlabeled images
+    image_size: int = 32  # pixels, image folders only
+    model: str = "auto"
+    embed_dim: int = 50  # width of the penultimate feature
+    strategy: str = "random"
+    strategy_options: dict = field(default_factory=dict)
+    initial: int = 100  # size of the seeded random initial labeled set
+    query_size: int = 100  # items per queried batch
+    rounds: int = 10  # number of queried batches
+    seed: int = 0
+    train_preset: str = "saturate"
+    epochs: int | None = None  # overrides the preset's epoch cap
+    lr: float | None = None  # overrides the preset's step size
+    augment: bool | None = None  # overrides the preset's augmentation
+    warm_start: bool = False
+    device: str = "auto"
+    oracle_noise: float = 0.0  # probability that the simulated oracle answers a wrong class
+    out: str | None = None
+
+    def validate(self) -> None:
+        if self.query_size < 1:
+            raise ConfigError(f"--query-size must be at least 1, got {self.query_size}")
+        if self.rounds < 0:
+            raise ConfigError(f"--rounds cannot be negative, got {self.rounds}")
+        if self.initial < 0:
+            raise ConfigError(f"--initial cannot be negative, got {self.initial}")
+        if not 0.0 <= self.oracle_noise <= 1.0:
+            raise ConfigError(f"--oracle-noise must lie in [0, 1], got {self.oracle_noise}")
+        if self.embed_dim < 1:
+            raise ConfigError("--embed-dim must be at least 1")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError("--epochs must be at least 1")
+
+    def train_config(self) -> TrainConfig:
+        overrides = {"lr": self.lr, "augment": self.augment, "warm_start": self.warm_start or None}
+        if self.epochs is not None:
+            overrides["max_epochs"] = self.epochs
+        return train_preset(self.train_preset, **overrides)
+
+    def load_options(self) -> LoadOptions:
+        return LoadOptions(data_dir=self.data_dir, download=self.download, subset=self.subset,
+                           classes=self.classes, image_size=self.image_size, seed=self.seed)

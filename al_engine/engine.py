@@ -1,0 +1,135 @@
+"""`Engine`: the one owner of a run's state (dataset, pool, strategy, model, round), one step at a time.
+
+Every driver of a run goes through it and nothing else: the simulated loop (loop.py), the
+annotator's background worker, and the other ranks of a sharded query (distributed.py). What a
+driver must keep to resume exactly is `state_dict()` (JSON-safe: the pool, the strategy's state, the
+last round trained and, with warm start, the model's weights as text); `load_state_dict()` puts it
+back, and `query_state(round)` builds (and seeds) the state a strategy reads.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .data import Dataset, Pool, load_dataset
+from .errors import ConfigError
+from .models import FeatureClassifier, build_model, default_model_name
+from .seeding import Stream, seed_round, torch_seed
+from .strategies import QueryState, Strategy, get_strategy
+from .tensor_text import decode_tensors, encode_tensors
+from .train import evaluate_accuracy, resolve_device, train_classifier
+
+# (engine, state, query_size) -> (pool indices, scores), in place of engine.strategy.query: the
+# hook a torchrun run uses to shard the query over its ranks.
+QueryHook = Callable[["Engine", QueryState, int], tuple[np.ndarray, np.ndarray]]
+
+
+class Engine:
+    """One run's state and its steps: train, query, add answers; saved and restored as one dict."""
+
+    def __init__(self, config: RunConfig, dataset: Dataset | None = None,
+                 on_epoch_end: Callable[[int, float], None] | None = None, query_hook: QueryHook | None = None):
+        config.validate()
+        self.config = config
+        self.train_config = config.train_config()
+        self.device = resolve_device(config.device)
+        self.dataset = dataset if dataset is not None else load_dataset(config.dataset, config.load_options())
+        self.strategy: Strategy = get_strategy(config.strategy, **config.strategy_options)
+        self.pool = Pool(len(self.dataset.train_labels))
+        self.model: FeatureClassifier | None = None
+        self.round = -1  # the last round trained (-1: none yet)
+        self.on_epoch_end = on_epoch_end
+        self.query_hook = query_hook
+        try:  # fail before any work if the model cannot take these images
+            build_model(config.model, self.dataset.image_shape, self.dataset.num_classes, config.embed_dim)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+    @property
+    def model_name(self) -> str:
+        return default_model_name(self.dataset.image_shape) if self.config.model == "auto" else self.config.model
+
+    def new_model(self) -> FeatureClassifier:
+        """A freshly initialised network of the run's architecture, on the run's device."""
+        return build_model(self.config.model, self.dataset.image_shape, self.dataset.num_classes,
+                           self.config.embed_dim).to(self.device)
+
+    def initial_indices(self, count: int | None = None) -> np.ndarray:
+        """The seeded random initial labeled set (`count` items, default --initial)."""
+        return self.pool.initial_indices(self.config.initial if count is None else count, self.config.seed)
+
+    def add_answers(self, indices, answers, round_index: int) -> None:
+        """Record the oracle's answers to pool `indices`; a skip (-1) leaves its item unlabeled."""
+        indices, answers = np.asarray(indices, dtype=np.int64), np.asarray(answers, dtype=np.int64)
+        answered = answers >= 0
+        self.pool.add_labels(indices[answered], answers[answered], round_index)
+
+    def train(self, round_index: int) -> tuple[float | None, float, int]:
+        """Train on the labeled set (from scratch unless warm start); returns accuracy, seconds, epochs."""
+        seed_round(self.config.seed, round_index, Stream.MODEL_INIT)
+        if self.model is None or not self.train_config.warm_start:
+            self.model = self.new_model()
+        labeled = self.pool.labeled_indices
+        result = train_classifier(self.model, self.dataset, labeled, self.pool.labels[labeled], self.train_config,
+                                  self.device, seed=torch_seed(self.config.seed, round_index, Stream.TRAIN_ORDER),
+                                  on_epoch_end=self.on_epoch_end)
+        accuracy = evaluate_accuracy(self.model, self.dataset, self.device, self.train_config.eval_batch_size)
+        self.round = round_index
+        return accuracy, result.seconds, result.epochs
+
+    def query_state(self, round_index: int) -> QueryState:
+        """What the strategy reads this round; seeds the global generators as every rank must."""
+        if self.model is None:
+            raise RuntimeError("train before querying")
+        seed_round(self.config.seed, round_index, Stream.QUERY)
+        return QueryState(model=self.model, dataset=self.dataset, pool=self.pool, device=self.device,
+                          round_index=round_index, seed=self.config.seed, train_config=self.train_config)
+
+    def query(self, round_index: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Ask the strategy for up to --query-size items; returns pool indices, scores and seconds."""
+        start = time.perf_counter()
+        state = self.query_state(round_index)
+        if self.query_hook is None:
+            indices, scores = self.strategy.query(state, self.config.query_size)
+        else:
+            indices, scores = self.query_hook(self, state, self.config.query_size)
+        if np.intersect1d(indices, self.pool.labeled_indices).size:
+            raise RuntimeError(f"strategy {self.config.strategy!r} returned a labeled index")
+        return indices, scores, time.perf_counter() - start
+
+    def state_dict(self, with_model: bool = True) -> dict:
+        """Everything a driver keeps to resume exactly, JSON-safe. The model's weights are kept only
+        with warm start (otherwise every round trains from scratch and nothing carries over)."""
+        state = {"round": self.round, "pool": self.pool.to_dict(), "strategy": self.strategy.state_dict()}
+        if with_model and self.train_config.warm_start and self.model is not None:
+            state["model"] = encode_tensors(self.model.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what `state_dict` returned (the pool is required; the rest as far as it is there)."""
+        self.pool = Pool.from_dict(state["pool"])
+        self.round = int(state.get("round", self.round))
+        self.strategy.load_state_dict(state.get("strategy", {}))
+        if "model" in state and self.train_config.warm_start:
+            model = self.new_model()
+            model.load_state_dict(decode_tensors(state["model"]))
+            self.model = model.to(self.device)
+
+    def describe(self) -> dict:
+        """The run's record for config.json: every setting, what they resolved to, and versions."""
+        return {"settings": asdict(self.config), "train": asdict(self.train_config), "model": self.model_name,
+                "device": str(self.device), "dataset": self.dataset.describe(), "versions": package_versions()}
+
+
+def package_versions() -> dict:
+    import scipy
+    import sklearn
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__, "scikit-learn": sklearn.__version__}
