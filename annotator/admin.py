@@ -5,7 +5,7 @@ from flask import Blueprint, render_template, request, url_for
 
 from al_engine.errors import UserError
 
-from . import get_db
+from .connection import get_db
 from .auth import require_user
 from .db import ROLES
 

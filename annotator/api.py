@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, abort, jsonify, request, stream_with_context, url_for
 
-from . import annotator_state, get_db
+from .connection import get_db
+from .state import annotator_state
 from .auth import current_user, require_user
-from .db import SKIP, Conflict, NotFound
+from .db import SKIP
 from .export import MEDIA_TYPES, STREAM_FORMATS, export_lines
 from .images import item_png
 
@@ -25,12 +26,14 @@ def status_payload() -> dict:
     labeled = db.labeled_count()
     engine = state.status.snapshot()
     if engine["state"] == "waiting" and progress["state"] == "labeling":  # fresher than the worker's last look
-        done = progress["batch_size"] - progress["batch_remaining"]
-        engine["detail"] = f"{done} of {progress['batch_size']} answered"
-        engine["progress"] = round(done / max(progress["batch_size"], 1), 3)
+        done = progress["query_size"] - progress["remaining"]
+        engine["detail"] = f"{done} of {progress['query_size']} answered"
+        engine["progress"] = round(done / max(progress["query_size"], 1), 3)
     return {
         "round": progress["round"], "labeled": labeled, "unlabeled": state.driver.engine.pool.size - labeled,
-        "batch_size": progress["batch_size"], "batch_remaining": progress["batch_remaining"],
+        "query_size": progress["query_size"], "remaining": progress["remaining"],
+        # the contract's first names for the same two numbers (docs/annotator.md), kept for API clients
+        "batch_size": progress["query_size"], "batch_remaining": progress["remaining"],
         "engine": engine["state"], "engine_progress": engine["progress"], "engine_detail": engine["detail"],
         "round_state": progress["state"], "finished": db.is_finished(),
     }
@@ -115,22 +118,13 @@ def parse_time_taken(body: dict) -> int | None:
     return int(taken)
 
 
-def record(item_id: int, label: int, time_taken_ms: int | None) -> str:
-    try:
-        return get_db().record_answer(current_user().id, item_id, label, time_taken_ms)
-    except NotFound as error:
-        abort(404, str(error))
-    except Conflict as error:
-        abort(409, str(error))
-
-
 @bp.post("/annotations")
 @require_user()
 def annotate():
     """201 for a new, repeated (idempotent) or replaced answer; committed before the response."""
     body = json_body()
     item_id, label = parse_item_id(body.get("item_id")), parse_label(body)
-    outcome = record(item_id, label, parse_time_taken(body))
+    outcome = get_db().record_answer(current_user().id, item_id, label, parse_time_taken(body))
     annotator_state().notify_engine()
     return jsonify(item_id=item_id, label=label, outcome=outcome), 201
 
@@ -146,12 +140,7 @@ def annotate_many():
         abort(400, f"'item_ids' must be a list of 1 to {MAX_TASKS} item ids")
     item_ids = [parse_item_id(item) for item in item_ids]
     label = parse_label(body)
-    try:
-        outcomes = get_db().record_answers(current_user().id, list(dict.fromkeys(item_ids)), label)
-    except NotFound as error:
-        abort(404, str(error))
-    except Conflict as error:
-        abort(409, str(error))
+    outcomes = get_db().record_answers(current_user().id, list(dict.fromkeys(item_ids)), label)
     annotator_state().notify_engine()
     return jsonify(item_ids=list(dict.fromkeys(item_ids)), label=label, outcomes=outcomes), 201
 
@@ -161,12 +150,7 @@ def annotate_many():
 def undo(item_id: int):
     """Undo: withdraw my answer to an item of the open batch; the item is leased back to me."""
     check_in_pool(item_id)
-    try:
-        get_db().undo_answer(current_user().id, item_id)
-    except NotFound as error:
-        abort(404, str(error))
-    except Conflict as error:
-        abort(409, str(error))
+    get_db().undo_answer(current_user().id, item_id)
     return jsonify(task_payload(item_id))
 
 
@@ -185,7 +169,7 @@ def item_image(item_id: int):
 @bp.get("/rounds")
 @require_user()
 def rounds():
-    return jsonify(rounds=[{k: r[k] for k in ("round", "state", "strategy", "batch_size", "labeled", "accuracy",
+    return jsonify(rounds=[{k: r[k] for k in ("round", "state", "strategy", "query_size", "labeled", "accuracy",
                                               "train_s", "query_s", "epochs")} for r in get_db().rounds()])
 
 

@@ -13,7 +13,8 @@ import secrets
 
 from flask import Blueprint, abort, redirect, request, session, url_for
 
-from . import get_db, wants_json
+from .connection import get_db
+from .errors import wants_json
 from .db import User
 
 bp = Blueprint("auth", __name__)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from al_engine.data import load_dataset
 from al_engine.errors import DatasetError, UserError
-from al_engine.loop import RunConfig
+from al_engine.config import RunConfig
 
 from .db import AnnotationDB
 from .export import write_imagefolder, write_stream_export

@@ -6,7 +6,7 @@ Leases commit without the fsync: losing one only hands the item out again. Write
 (an answer against an open round, closing a round, leasing items) run in `BEGIN IMMEDIATE`
 transactions, so concurrent requests and the engine worker serialise instead of racing.
 
-Tables (schema version 1):
+Tables (schema version 2; MIGRATIONS below bring older files up to date):
   meta         key/value: schema version, the run's settings, the session secret, `finished`
   users        annotators and admins; only a SHA-256 of each token is stored
   rounds       one row per batch: state labeling -> closed -> trained, and the metrics of the
@@ -36,7 +36,7 @@ import sqlite_utils
 
 from al_engine.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SKIP = -1  # the label an answer carries when the annotator skipped the item
 LEASE_SECONDS = 600  # an item stays with one annotator this long (10 minutes) unless answered
 ROLES = ("annotator", "admin")
@@ -127,7 +127,13 @@ def _migrate_to_1(db: sqlite_utils.Database) -> None:
                         foreign_keys=[("item_id", "items", "id"), ("annotator_id", "users", "id")])
 
 
-MIGRATIONS = {1: _migrate_to_1}
+def _migrate_to_2(db: sqlite_utils.Database) -> None:
+    # One name per meaning: the items of a round's batch are its query size; batch_size is the SGD
+    # mini-batch of training.
+    db.execute("alter table rounds rename column batch_size to query_size")
+
+
+MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2}
 
 
 class AnnotationDB:
@@ -317,7 +323,7 @@ class AnnotationDB:
         current = self.current_round()
         if current is not None and (current["state"] == "labeling" or current["round"] >= round_index):
             raise Conflict(f"round {current['round']} is {current['state']}; cannot post round {round_index}")
-        self.db.execute("insert into rounds(round, state, strategy, model_version, batch_size, created) "
+        self.db.execute("insert into rounds(round, state, strategy, model_version, query_size, created) "
                         "values (?, 'labeling', ?, ?, ?, ?)",
                         [round_index, strategy, model_version, len(item_ids), _now()])
         for position, (item_id, score, file_name) in enumerate(zip(item_ids, scores, file_names)):
@@ -366,6 +372,15 @@ class AnnotationDB:
             ") where latest = 1 order by item_id", [up_to_round]).fetchall()
         return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
+    def batch_answers(self, round_index: int) -> list[int]:
+        """The training label (as `training_answers` gives it) of each item of the round's batch, in
+        pick order; SKIP for an item without one."""
+        batch = self.db.execute("select item_id from batch_items where round = ? order by position",
+                                [round_index]).fetchall()
+        items, labels, _ = self.training_answers(round_index)
+        latest = dict(zip(items, labels))
+        return [latest.get(row[0], SKIP) for row in batch]
+
     def _remaining(self, round_index: int) -> int:
         return self.db.execute(
             "select count(*) from batch_items b where b.round = ? and not exists "
@@ -374,10 +389,10 @@ class AnnotationDB:
     def batch_progress(self) -> dict:
         current = self.current_round()
         if current is None:
-            return {"round": None, "state": None, "batch_size": 0, "batch_remaining": 0}
+            return {"round": None, "state": None, "query_size": 0, "remaining": 0}
         remaining = self._remaining(current["round"]) if current["state"] == "labeling" else 0
-        return {"round": current["round"], "state": current["state"], "batch_size": current["batch_size"],
-                "batch_remaining": remaining}
+        return {"round": current["round"], "state": current["state"], "query_size": current["query_size"],
+                "remaining": remaining}
 
     def labeled_count(self) -> int:
         return self.db.execute("select count(distinct item_id) from answers where label >= 0").fetchone()[0]

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, redirect, render_template, request, url_for
 
-from . import annotator_state, get_db
+from .connection import get_db
+from .state import annotator_state
 from .api import status_payload
 from .auth import current_user, require_user, sign_in
 

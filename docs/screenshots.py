@@ -28,7 +28,7 @@ def main() -> int:
 
     from playwright.sync_api import sync_playwright
 
-    from al_engine.loop import RunConfig
+    from al_engine.config import RunConfig
     from annotator import create_app
     from annotator.cli import make_server
 

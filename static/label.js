@@ -49,18 +49,18 @@
 
   function showStatus(status) {
     if (!status) return;
-    const done = status.batch_size - status.batch_remaining;
+    const done = status.query_size - status.remaining;
     $("progress-round").textContent = status.round === null ? "–" : status.round;
     $("progress-done").textContent = done;
-    $("progress-size").textContent = status.batch_size;
-    $("progress-fill").style.width = (100 * done / (status.batch_size || 1)).toFixed(1) + "%";
+    $("progress-size").textContent = status.query_size;
+    $("progress-fill").style.width = (100 * done / (status.query_size || 1)).toFixed(1) + "%";
     const bar = document.querySelector(".batch-progress .bar");
     bar.setAttribute("aria-valuenow", done);
-    bar.setAttribute("aria-valuemax", status.batch_size);
+    bar.setAttribute("aria-valuemax", status.query_size);
     if (status.finished) {
       $("waiting-title").textContent = "All batches are labeled";
       $("waiting-text").textContent = "The run is finished. An admin can export the labels.";
-    } else if (status.batch_remaining > 0) {
+    } else if (status.remaining > 0) {
       $("waiting-title").textContent = "Others are on the last images";
       $("waiting-text").textContent = "Every remaining image is with another annotator; this page checks again by itself.";
     } else {

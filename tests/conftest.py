@@ -26,7 +26,7 @@ def tiny_dataset():
 
 def fast_run_config(tmp_path, **overrides):
     """A RunConfig for digits that trains in about a second a round."""
-    from al_engine.loop import RunConfig
+    from al_engine.config import RunConfig
 
     settings = dict(dataset="digits", strategy="entropy", initial=30, query_size=20, rounds=2, seed=0,
                     epochs=15, device="cpu", out=str(tmp_path / "run"))
@@ -42,7 +42,7 @@ def make_run_config(tmp_path):
 @pytest.fixture
 def make_annotator_app(tmp_path, digits):
     """make(token): an annotator app on digits (6 initial labels, batches of 4) whose owner token is `token`."""
-    from al_engine.loop import RunConfig
+    from al_engine.config import RunConfig
     from annotator import create_app
 
     def make(token: str):

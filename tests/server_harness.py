@@ -85,7 +85,7 @@ def launcher_loop() -> None:
     sys.path.insert(0, str(ROOT))
     import app  # noqa: F401  (and through it, what a server start imports)
     import annotator.cli  # noqa: F401
-    import oracle.human  # noqa: F401
+    import annotator.worker  # noqa: F401
     from al_engine.data import dataset_names
     from al_engine.strategies import strategy_names
 
@@ -270,7 +270,7 @@ def add_annotators(db: Path, count: int, prefix: str = "annotator") -> list[tupl
 def read_db(db: Path) -> dict:
     connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
-        rounds = connection.execute("select round, state, batch_size from rounds order by round").fetchall()
+        rounds = connection.execute("select round, state, query_size from rounds order by round").fetchall()
         batches = connection.execute("select round, item_id, position from batch_items order by round, position").fetchall()
         answers = connection.execute("select annotator_id, item_id, round, label from answers order by id").fetchall()
         integrity = connection.execute("pragma integrity_check").fetchone()[0]

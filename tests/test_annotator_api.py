@@ -8,7 +8,7 @@ import json
 import pytest
 
 from al_engine.data import load_dataset
-from al_engine.loop import RunConfig
+from al_engine.config import RunConfig
 from annotator import create_app
 from annotator.db import LEASE_SECONDS, AnnotationDB
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 import app as app_module
 from al_engine.data import load_dataset
-from al_engine.loop import RunConfig
+from al_engine.config import RunConfig
 from annotator import create_app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,10 +8,12 @@ import pytest
 
 from al_engine.data import load_dataset
 from al_engine.errors import UserError
-from al_engine.loop import Engine, RunConfig
+from al_engine.config import RunConfig
+from al_engine.engine import Engine
 from annotator import create_app
 from annotator.db import SCHEMA_VERSION, AnnotationDB, AnnotatorDBError, Conflict, NotFound
-from oracle.human import EngineDriver, HumanOracle
+from annotator.worker import EngineDriver
+from oracle.human import HumanOracle
 
 TOKEN = "t0ken"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -40,6 +42,25 @@ def test_a_new_database_is_in_wal_mode_at_the_current_schema(tmp_path):
     assert {"meta", "users", "rounds", "items", "batch_items", "answers", "leases"} <= set(db.db.table_names())
     db.close()
     AnnotationDB(tmp_path / "a.db").close()  # reopening does not migrate twice
+
+
+def test_a_version_1_database_is_migrated_with_its_rounds(tmp_path):
+    import sqlite3
+
+    import sqlite_utils
+
+    from annotator import db as db_module
+
+    path = tmp_path / "old.db"
+    old = sqlite_utils.Database(sqlite3.connect(path))
+    db_module.MIGRATIONS[1](old)  # a file written by the first schema
+    old.execute("insert into meta(key, value) values ('schema_version', '1')")
+    old.execute("insert into rounds(round, state, batch_size) values (0, 'labeling', 7)")
+    old.conn.commit()
+    old.close()
+    db = AnnotationDB(path)
+    assert db.schema_version() == SCHEMA_VERSION
+    assert db.current_round()["query_size"] == 7 and db.batch_progress()["query_size"] == 7
 
 
 def test_a_database_from_a_newer_program_is_refused(tmp_path):
@@ -164,7 +185,7 @@ def test_concurrent_annotators_never_get_the_same_item_and_lose_no_answer(tmp_pa
     all_items = [item for items in seen.values() for item in items]
     assert len(all_items) == len(set(all_items)) == 40  # each item answered once, none lost
     db = AnnotationDB(path)
-    assert db.batch_progress()["batch_remaining"] == 0 and len(db.training_answers(0)[0]) == 40
+    assert db.batch_progress()["remaining"] == 0 and len(db.training_answers(0)[0]) == 40
 
 
 def test_the_human_oracle_blocks_until_people_answer(tmp_path, digits):
@@ -195,7 +216,7 @@ def test_the_driver_posts_rounds_with_the_strategy_and_model_version(tmp_path, d
     driver.db.ensure_owner(TOKEN)
     assert driver.step()
     first = driver.db.current_round()
-    assert first["round"] == 0 and first["batch_size"] == 6 and first["strategy"] == "random"  # no model yet
+    assert first["round"] == 0 and first["query_size"] == 6 and first["strategy"] == "random"  # no model yet
     owner = driver.db.user_for_token(TOKEN).id
     for item in driver.db.lease_tasks(owner, 6):
         driver.db.record_answer(owner, item, int(digits.train_labels[item]))

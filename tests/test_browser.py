@@ -22,7 +22,7 @@ pytestmark = [
 @pytest.fixture
 def server(tmp_path):
     """The annotator with its background engine worker, on a free loopback port."""
-    from al_engine.loop import RunConfig
+    from al_engine.config import RunConfig
     from annotator import create_app
     from annotator.cli import make_server
 

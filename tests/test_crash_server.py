@@ -112,7 +112,7 @@ def test_a_restart_keeps_the_strategy_state_and_the_warm_start_model(tmp_path, d
     round: a run restarted between rounds posts the same next batch as one that never stopped."""
     import torch
 
-    from al_engine.loop import RunConfig
+    from al_engine.config import RunConfig
     from annotator import create_app
 
     config = RunConfig(dataset="digits", strategy="rnd", strategy_options={"epochs": 1}, warm_start=True,

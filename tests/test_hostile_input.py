@@ -17,7 +17,7 @@ from PIL import Image
 
 import app as app_module
 from al_engine.data import Dataset
-from al_engine.loop import RunConfig
+from al_engine.config import RunConfig
 from annotator import create_app
 from annotator import db as annotator_db
 from annotator.db import AnnotationDB

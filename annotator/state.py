@@ -1,0 +1,40 @@
+"""What one annotator app holds besides per-request database handles, kept in app.extensions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flask import current_app
+
+from al_engine.config import RunConfig
+from al_engine.data import Dataset
+
+from .worker import EngineDriver, EngineWorker
+
+
+@dataclass
+class AnnotatorState:
+    """The app's run: its database path, settings, dataset, and the engine's driver and worker."""
+
+    database: str
+    run_config: RunConfig
+    dataset: Dataset
+    driver: EngineDriver
+    worker: EngineWorker | None = None  # the background thread when START_ENGINE
+    image_cache: dict = field(default_factory=dict)  # item id -> PNG bytes
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset.classes
+
+    @property
+    def status(self):
+        return self.driver.status
+
+    def notify_engine(self) -> None:
+        if self.worker is not None:
+            self.worker.notify()
+
+
+def annotator_state() -> AnnotatorState:
+    """The current app's AnnotatorState (inside a request or an app context)."""
+    return current_app.extensions["annotator"]
