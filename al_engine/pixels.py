@@ -108,7 +108,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 # JPEG only: decode at the smallest 1/2^k scale whose sides both stay >= size (a
-                # 640x480 photo for 224 px is decoded at 320x240, ~3x faster); others ignore it.
+                # 640x480 photo for 224 px is decoded at 320x240, ~2x faster); others ignore it.
                 image.draft("RGB", (size, size))
                 upright = ImageOps.exif_transpose(image)  # a loaded copy; truncation raises here
                 rgb = upright.convert("RGB")
