@@ -10,7 +10,8 @@
   vs the colour CNN at 32 px from scratch, on the same `--labeled` files, and their ratio;
 - resident memory (peak RSS from getrusage; RssAnon/RssFile from /proc) loading a flat folder of
   `--big-count` small JPEGs, cold and warm, and after a pass over every pool item;
-- start-up (load) time of a second run with warm caches.
+- start-up (load) time of a second run with warm caches;
+- fine-tune mode's training images/s (resnet18 whole, 224 px, batches of 16).
 
 Each load runs in a fresh child process, so its peak RSS and its time are its own. No pretrained
 weights are downloaded: the backbone is a randomly initialised resnet18 saved as a local weights
@@ -171,6 +172,29 @@ def child_weights(args) -> None:
     print(json.dumps({"weights": args.weights}))
 
 
+def child_finetune(args) -> None:
+    """Training images/s of a whole resnet18 under the head at 224 px (fine-tune mode), batches of 16."""
+    import torch
+    from torch.nn import functional as F
+
+    from al_engine.backbones import build_backbone, build_finetune_model
+
+    model = build_finetune_model(build_backbone("resnet18", args.weights, 224, progress=False), 4).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    images = torch.randn(16, 3, 224, 224)
+    labels = torch.arange(16) % 4
+    rates = []
+    for step in range(4):  # the first step warms up
+        start = time.perf_counter()
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        rates.append(16 / (time.perf_counter() - start))
+    print(json.dumps({"train_images_per_s": round(float(np.median(rates[1:])), 2),
+                      "load_average_1min": round(os.getloadavg()[0], 2)}))
+
+
 def run_child(*arguments: str, all_lines: bool = False):
     """Run this script in a child mode; its last JSON line (or all of them)."""
     completed = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True)
@@ -240,7 +264,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where pictures and caches go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     # Child-process modes (internal).
-    parser.add_argument("--child", choices=["load", "features", "round", "weights"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["load", "features", "round", "weights", "finetune"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=224, help=argparse.SUPPRESS)
@@ -257,6 +281,8 @@ def main() -> None:
         return child_round(args)
     if args.child == "weights":
         return child_weights(args)
+    if args.child == "finetune":
+        return child_finetune(args)
 
     # This process never imports torch: children inherit its resident memory in getrusage's peak
     # (ru_maxrss counts the parent's pages a child shared before exec), so it stays small.
@@ -310,7 +336,9 @@ def main() -> None:
                                 str(weights), "--subset", str(subset), "--labeled", str(min(args.labeled, subset - 1)),
                                 all_lines=True):
             emit(record)
-        emit({"bench": "load_average", "after": "training rounds", "load_average_1min": round(os.getloadavg()[0], 2)})
+        finetune = run_child("--child", "finetune", "--weights", str(weights))
+        emit({"bench": "finetune_training", "model": "resnet18 (whole network + head)", "image_size": 224,
+              "batch": 16, **finetune})
 
         seconds = generate(small, args.big_count, 64, 48, noise=0.0, tree=False)
         emit({"bench": "generate", "files": args.big_count, "side": "64x48", "seconds": round(seconds, 1)})

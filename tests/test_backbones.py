@@ -191,6 +191,7 @@ def test_extracting_features_never_changes_the_module(backbone, folder_dataset):
     assert module.training  # its mode is given back
     after = module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert module.conv1.weight.is_contiguous()  # channels-last while extracting, put back after
     module.eval()
 
 
