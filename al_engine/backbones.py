@@ -32,8 +32,8 @@ from torch.nn import functional as F
 from .data import Dataset, feature_stats
 from .errors import ConfigError
 from .models import MODELS, FeatureClassifier, FeatureHead
-from .pixels import (fsync_dir, new_data_name, open_rows, read_json, remove_stale, resolve_cache_dir, store_lock,
-                     write_json_atomic)
+from .pixels import (PROGRESS_MIN_FILES, fsync_dir, new_data_name, open_rows, read_json, remove_stale,
+                     resolve_cache_dir, store_lock, write_json_atomic)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet normalisation, [0, 1] scale
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -396,7 +396,8 @@ def load_features(backbone: Backbone, images: torch.Tensor, row_keys: Sequence[s
             for first in range(0, len(present), 4096):  # cached rows, copied in chunks
                 part = present[first:first + 4096]
                 out[part] = old_view[np.asarray([reuse[i] for i in part], dtype=np.int64)]
-            with tqdm(total=len(missing), desc=f"{backbone.name} features", unit="img", disable=not progress) as bar:
+            quiet = not progress or len(missing) < PROGRESS_MIN_FILES
+            with tqdm(total=len(missing), desc=f"{backbone.name} features", unit="img", disable=quiet) as bar:
                 for rows, features in iter_features(backbone, images, missing, device, batch_size):
                     out[rows] = features.numpy()
                     bar.update(len(rows))

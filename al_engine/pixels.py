@@ -49,6 +49,7 @@ CACHE_FORMAT = 1  # bump when the layout or the decoding changes: old stores are
 DECODE_BATCH = 32  # files per DataLoader batch
 COPY_ROWS = 256  # rows per chunk when copying cache rows between files
 AUTO_WORKERS_MIN_FILES = 256  # below this many files to decode, decoding stays in this process
+PROGRESS_MIN_FILES = 100  # fewer files to decode (or features to compute) than this: no progress bar
 
 
 def default_cache_dir() -> Path:
@@ -489,7 +490,7 @@ def _decode_to_file(paths: list[Path], size: int, staging: Path, workers: int | 
         _DecodeJobs(paths, size), batch_size=DECODE_BATCH, shuffle=False, num_workers=workers,
         collate_fn=_collate, worker_init_fn=_worker_init if workers else None)
     with open(staging, "wb") as out, tqdm(total=len(paths), desc=f"decoding images to {size}px", unit="img",
-                                          disable=not progress) as bar:
+                                          disable=not progress or len(paths) < PROGRESS_MIN_FILES) as bar:
         for positions, pixels, batch_sums, failures in loader:
             if positions:
                 out.write(pixels.tobytes())

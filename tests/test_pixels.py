@@ -260,10 +260,13 @@ def test_cache_folder_default_and_a_clear_error_when_unusable(tmp_path, monkeypa
     assert "\n" not in str(error.value)
 
 
-def test_progress_bar_can_be_disabled(tmp_path, capsys):
+def test_progress_bar_can_be_disabled(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pixels, "PROGRESS_MIN_FILES", 2)  # a bar from 2 files on (100 by default)
     write_folder(tmp_path / "photos", count=2)
     files = sorted((tmp_path / "photos").iterdir())
     load_pixels(tmp_path / "photos", files, 8, tmp_path / "a", workers=0, progress=False)
     assert capsys.readouterr().err == ""
     load_pixels(tmp_path / "photos", files, 8, tmp_path / "b", workers=0, progress=True)
     assert "decoding images" in capsys.readouterr().err
+    load_pixels(tmp_path / "photos", files[:1], 8, tmp_path / "c", workers=0, progress=True)
+    assert capsys.readouterr().err == ""  # a single file is not worth a bar
