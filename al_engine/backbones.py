@@ -313,13 +313,15 @@ def iter_features(backbone: Backbone, images: torch.Tensor, rows: Sequence[int],
     std = torch.tensor(backbone.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     rows = np.asarray(rows, dtype=np.int64)
     try:
-        with torch.inference_mode():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            # Inference mode per batch, not around the yield: the caller's code must not run in it.
+            with torch.inference_mode():
                 batch = _prepared(images[torch.as_tensor(chunk)].to(device), mean, std)
                 if convolutional:
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                yield chunk, module(batch).flatten(1).float().cpu()
+                features = module(batch).flatten(1).float().cpu()
+            yield chunk, features.clone()  # a normal tensor: inference tensors refuse autograd later
     finally:
         module.train(was_training)
         if convolutional and not was_channels_last:

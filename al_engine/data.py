@@ -453,19 +453,23 @@ def load_svhn(options: LoadOptions) -> Dataset:
 # cropped) into a disk cache that later runs reuse; the tensors are views of its memory map.
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files directly in `folder`, by name; hidden files (".DS_Store", "._x.jpg") are not images."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+def _image_files(folder: Path) -> list[str]:
+    """Names of the image files directly in `folder`, sorted; hidden files (".DS_Store", "._x.jpg") are
+    not images. os.scandir, not pathlib: a 100,000-file folder is listed in a fraction of a second."""
+    with os.scandir(folder) as entries:
+        return sorted(entry.name for entry in entries
+                      if not entry.name.startswith(".") and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
+                      and entry.is_file())
 
 
-def _class_tree_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+def _class_tree_files(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+    """Paths (relative to `folder`, "/"-separated) and labels of the images in each class folder."""
     files, labels = [], []
     for label, class_name in enumerate(classes):
         class_dir = folder / class_name
         if class_dir.is_dir():
             found = _image_files(class_dir)
-            files += found
+            files += [f"{class_name}/{name}" for name in found]
             labels += [label] * len(found)
     return files, labels
 
@@ -481,14 +485,18 @@ class _Split:
     cached: CachedPixels
 
 
-def _load_split(root: Path, folder: Path, files: list[Path], labels: list[int], options: LoadOptions) -> _Split:
-    cached = load_pixels(folder, files, options.image_size, options.cache_dir, options.workers, options.progress)
+def _load_split(root: Path, folder: Path, files: list[str], labels: list[int], options: LoadOptions) -> _Split:
+    """Pixels of `files` (relative to `folder`); names are given relative to the data folder `root`."""
+    prefix = "" if folder == root else folder.relative_to(root).as_posix() + "/"
+    base = str(folder)
+    cached = load_pixels(folder, [os.path.join(base, f) for f in files], options.image_size, options.cache_dir,
+                         options.workers, options.progress)
     kept = cached.kept.tolist()
     return _Split(
         images=cached.images,
         labels=torch.as_tensor([labels[i] for i in kept], dtype=torch.int64),
-        names=[files[i].relative_to(root).as_posix() for i in kept],
-        skipped=[(files[i].relative_to(root).as_posix(), reason) for i, reason in cached.skipped],
+        names=[prefix + files[i] for i in kept],
+        skipped=[(prefix + files[i], reason) for i, reason in cached.skipped],
         cached=cached,
     )
 

@@ -99,7 +99,7 @@ def count_decodes(monkeypatch) -> list:
     real = pixels.decode_image
 
     def counting(path, size):
-        calls.append(path.name)
+        calls.append(os.path.basename(path))
         return real(path, size)
 
     monkeypatch.setattr(pixels, "decode_image", counting)
