@@ -97,7 +97,7 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
+def decode_image(path: str | Path, size: int) -> np.ndarray:
     """(3, size, size) uint8 RGB: EXIF-upright, shorter side resized to `size`, centre-cropped.
 
     Raises UnreadableImage for any file that cannot be decoded (its reason in one line).
@@ -134,7 +134,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
 class _DecodeJobs(torch.utils.data.Dataset):
     """Files to decode, for a DataLoader: item i -> (i, pixels or None, per-channel sums, reason)."""
 
-    def __init__(self, paths: Sequence[Path], size: int):
+    def __init__(self, paths: Sequence[str], size: int):
         self.paths = list(paths)
         self.size = size
 
@@ -501,7 +501,7 @@ def _update_store(folder: Path, root: Path, files: list[str], size: int, row_sha
         mean=mean, std=std, decoded=len(to_decode), reused=reused, dropped=dropped, notes=notes)
 
 
-def _decode_to_file(paths: list[Path], size: int, staging: Path, workers: int | None, progress: bool):
+def _decode_to_file(paths: list[str], size: int, staging: Path, workers: int | None, progress: bool):
     """Decode `paths` into `staging` (rows in order, failures left out), with a DataLoader and tqdm.
 
     Returns (job -> staged row, (S, 6) per-row sums, job -> reason of each failure).
