@@ -1,7 +1,9 @@
 """Datasets behind one registry, and the Pool that tracks which items are labeled.
 
-Every dataset is held in memory as uint8 tensors of shape (N, C, H, W); normalisation is
-applied per batch (`Dataset.normalize`), which keeps CIFAR-10 at 150 MB instead of 600 MB.
+Every dataset is uint8 tensors of shape (N, C, H, W); normalisation is applied per batch
+(`Dataset.normalize`), which keeps CIFAR-10 at 150 MB instead of 600 MB. Image folders are not
+held in memory at all: their tensors are views of a memory-mapped disk cache (al_engine/pixels.py).
+A dataset of backbone features (al_engine/backbones.py) has `kind="features"`: float32 (N, F, 1, 1).
 """
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import gzip
 import os
 import pickle
 import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DatasetError
+from .pixels import CachedPixels, PixelSource, load_pixels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -32,22 +34,31 @@ FASHION_MNIST_CLASSES = [
 
 @dataclass
 class Dataset:
-    """A train pool and an optional held-out test split, as uint8 image tensors in memory."""
+    """A train pool and an optional held-out test split: uint8 images, or float32 backbone features."""
 
     name: str
     classes: list[str]
-    train_images: torch.Tensor  # (N, C, H, W) uint8
+    train_images: torch.Tensor  # (N, C, H, W) uint8 images; (N, F, 1, 1) float32 when kind == "features"
     train_labels: torch.Tensor  # (N,) int64 ground truth; -1 where unknown (real annotation work)
-    test_images: torch.Tensor | None = None  # (M, C, H, W) uint8
+    test_images: torch.Tensor | None = None  # (M, C, H, W), same kind as train_images
     test_labels: torch.Tensor | None = None  # (M,) int64
-    file_names: list[str] | None = None  # per pool item, for image folders
+    file_names: list[str] | None = None  # per pool item, path relative to the data folder (image folders)
     flip_augment: bool = False  # horizontal flips preserve the class (natural images, not digits)
-    mean: tuple[float, ...] = field(default=())
-    std: tuple[float, ...] = field(default=())
+    mean: tuple[float, ...] = field(default=())  # per channel (images, [0, 1] scale) or per feature
+    std: tuple[float, ...] = field(default=())  # the same, for the standardisation
+    kind: str = "images"  # "images": uint8 pixels; "features": float32 features of a frozen backbone
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason) of unreadable files left out
+    data_root: str | None = None  # the resolved data folder that file_names are relative to
+    sources: dict = field(default_factory=dict)  # split ("train", "test") -> pixels.PixelSource (image folders)
+    backbone: str | None = None  # features only: the model and weights that computed them
+    _stat_tensors: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.kind not in ("images", "features"):
+            raise ValueError(f"unknown dataset kind {self.kind!r}; choose from: images, features")
         if not self.mean:
-            self.mean, self.std = channel_stats(self.train_images)
+            stats = channel_stats if self.kind == "images" else feature_stats
+            self.mean, self.std = stats(self.train_images)
 
     @property
     def num_classes(self) -> int:
@@ -61,22 +72,45 @@ class Dataset:
     def has_ground_truth(self) -> bool:
         return bool((self.train_labels >= 0).all())
 
+    @property
+    def is_features(self) -> bool:
+        return self.kind == "features"
+
+    def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, C, 1, 1) mean and std on `device`, built once per device (a feature set has 512-2048)."""
+        key = str(device)
+        if key not in self._stat_tensors:
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+            self._stat_tensors[key] = (mean, std)
+        return self._stat_tensors[key]
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> float32, scaled to [0, 1] then standardised per channel."""
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        """A batch -> float32 standardised per channel: uint8 images are first scaled to [0, 1];
+        features (kind "features") are standardised per feature with the pool's statistics."""
+        mean, std = self._stats_on(images.device)
+        values = images.float()
+        if self.kind == "images":
+            values = values / 255.0
+        return (values - mean) / std
 
     def describe(self) -> dict:
-        return {
+        summary = {
             "name": self.name,
+            "kind": self.kind,
             "classes": self.classes,
             "pool_size": int(self.train_images.shape[0]),
             "test_size": 0 if self.test_images is None else int(self.test_images.shape[0]),
             "image_shape": list(self.image_shape),
-            "mean": [round(m, 5) for m in self.mean],
-            "std": [round(s, 5) for s in self.std],
+            "skipped": len(self.skipped),
         }
+        if self.kind == "features":  # hundreds of per-feature statistics: not worth a config line each
+            summary["backbone"] = self.backbone
+            summary["normalisation"] = "per-feature standardisation with the pool's mean and std"
+        else:
+            summary["mean"] = [round(m, 5) for m in self.mean]
+            summary["std"] = [round(s, 5) for s in self.std]
+        return summary
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -91,6 +125,21 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(mean), tuple(std)
 
 
+def feature_stats(features: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-feature mean and standard deviation of (N, F, 1, 1) float features, in float64 chunks."""
+    flat = features.reshape(features.shape[0], -1)
+    total = torch.zeros(flat.shape[1], dtype=torch.float64)
+    squares = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for start in range(0, flat.shape[0], chunk):
+        block = flat[start:start + chunk].double()
+        total += block.sum(0)
+        squares += block.pow(2).sum(0)
+    count = max(flat.shape[0], 1)
+    mean = total / count
+    std = (squares / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)  # a dead unit: 0 in, 0 out
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 
@@ -103,8 +152,12 @@ class LoadOptions:
     download: bool = False
     subset: int | None = None  # keep a seeded random N of the pool
     classes: list[str] | None = None  # class names for a flat folder of unlabeled images
-    image_size: int = 32  # side, in pixels, that image-folder images are resized to
+    image_size: int = 32  # side, in pixels, of image-folder images (shorter side resized, centre cropped)
     seed: int = 0
+    cache_dir: str | None = None  # pixel (and feature) cache folder; None = $XDG_CACHE_HOME/al-annotator
+    strict: bool = False  # image folders: refuse unreadable files (DatasetError) instead of skipping them
+    progress: bool = True  # tqdm progress bars while files are decoded
+    workers: int | None = None  # decoding processes; None = min(4, CPUs) for large folders, 0 = none
 
 
 DATASETS: dict[str, Callable[[LoadOptions], Dataset]] = {}
@@ -152,6 +205,12 @@ def take_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
         flip_augment=dataset.flip_augment,
         mean=dataset.mean,
         std=dataset.std,
+        kind=dataset.kind,
+        skipped=dataset.skipped,
+        data_root=dataset.data_root,
+        sources={split: source.subset(keep.tolist()) if split == "train" else source
+                 for split, source in dataset.sources.items()},
+        backbone=dataset.backbone,
     )
 
 
@@ -389,68 +448,107 @@ def load_svhn(options: LoadOptions) -> Dataset:
 
 # --------------------------------------------------------------------------------------------
 # imagefolder: a class-per-folder tree (labeled), or a flat folder of unlabeled images + --classes
+#
+# Pixels come from al_engine/pixels.py: decoded once (EXIF-upright, shorter side resized, centre
+# cropped) into a disk cache that later runs reuse; the tensors are views of its memory map.
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
-    """Decode one image file to (3, size, size) uint8; damaged or oversized files raise DatasetError."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-                array = np.asarray(image, dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DatasetError(f"image {path.name} is too large to decode safely (decompression-bomb limit)") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        raise DatasetError(f"image {path.name} cannot be read: {error}") from None
-    return array.transpose(2, 0, 1)
+def _image_files(folder: Path) -> list[str]:
+    """Names of the image files directly in `folder`, sorted; hidden files (".DS_Store", "._x.jpg") are
+    not images. os.scandir, not pathlib: a 100,000-file folder is listed in a fraction of a second."""
+    with os.scandir(folder) as entries:
+        return sorted(entry.name for entry in entries
+                      if not entry.name.startswith(".") and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
+                      and entry.is_file())
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _read_class_tree(folder: Path, size: int, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    images, labels, names = [], [], []
+def _class_tree_files(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+    """Paths (relative to `folder`, "/"-separated) and labels of the images in each class folder."""
+    files, labels = [], []
     for label, class_name in enumerate(classes):
         class_dir = folder / class_name
-        if not class_dir.is_dir():
-            continue
-        for path in _image_files(class_dir):
-            images.append(read_image(path, size))
-            labels.append(label)
-            names.append(str(path.relative_to(folder)))
-    if not images:
-        raise DatasetError(f"no images found under {str(folder)!r}")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), names
+        if class_dir.is_dir():
+            found = _image_files(class_dir)
+            files += [f"{class_name}/{name}" for name in found]
+            labels += [label] * len(found)
+    return files, labels
+
+
+@dataclass
+class _Split:
+    """One split of an image folder after its pixels are loaded."""
+
+    images: torch.Tensor  # (R, 3, N, N) uint8 memory-mapped view
+    labels: torch.Tensor  # (R,) int64, -1 where unlabeled
+    names: list[str]  # (R,) paths relative to the data folder
+    skipped: list[tuple[str, str]]  # (path relative to the data folder, reason)
+    cached: CachedPixels
+
+
+def _load_split(root: Path, folder: Path, files: list[str], labels: list[int], options: LoadOptions) -> _Split:
+    """Pixels of `files` (relative to `folder`); names are given relative to the data folder `root`."""
+    prefix = "" if folder == root else folder.relative_to(root).as_posix() + "/"
+    base = str(folder)
+    cached = load_pixels(folder, [os.path.join(base, f) for f in files], options.image_size, options.cache_dir,
+                         options.workers, options.progress)
+    kept = cached.kept.tolist()
+    return _Split(
+        images=cached.images,
+        labels=torch.as_tensor([labels[i] for i in kept], dtype=torch.int64),
+        names=[prefix + files[i] for i in kept],
+        skipped=[(prefix + files[i], reason) for i, reason in cached.skipped],
+        cached=cached,
+    )
+
+
+def _check_readable(root: Path, splits: list[_Split], strict: bool) -> list[tuple[str, str]]:
+    """All splits' skipped files; --strict refuses them, and a folder with no readable image is refused."""
+    skipped = [item for split in splits for item in split.skipped]
+    if skipped and strict:
+        shown = "; ".join(f"{name} ({reason})" for name, reason in skipped[:5])
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        raise DatasetError(f"{len(skipped)} unreadable image file(s) in {str(root)!r} (--strict): {shown}{more}")
+    if splits and len(splits[0].names) == 0:
+        detail = f" ({len(skipped)} unreadable, e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise DatasetError(f"no readable images found under {str(root)!r}{detail}")
+    return skipped
+
+
+def _folder_dataset(root: Path, classes: list[str], train: _Split, test: _Split | None,
+                    skipped: list[tuple[str, str]]) -> Dataset:
+    sources = {"train": PixelSource.of(train.cached)}
+    if test is not None:
+        sources["test"] = PixelSource.of(test.cached)
+    return Dataset(
+        name="imagefolder", classes=classes,
+        train_images=train.images, train_labels=train.labels,
+        test_images=None if test is None else test.images, test_labels=None if test is None else test.labels,
+        file_names=train.names, flip_augment=True,
+        mean=train.cached.mean, std=train.cached.std,  # from the cache's per-row sums: no pass over the pixels
+        skipped=skipped, data_root=str(root), sources=sources,
+    )
 
 
 @register_dataset("imagefolder")
 def load_image_folder(options: LoadOptions) -> Dataset:
-    root = _require_dir(options, "imagefolder")
-    size = options.image_size
+    """train/ + test/ trees, a class-per-folder tree, or a flat folder with --classes; unreadable
+    files are skipped and listed in `Dataset.skipped` (or refused with `strict`)."""
+    root = _require_dir(options, "imagefolder").resolve()
     subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if set(subdirs) >= {"train", "test"}:
         # A labeled tree with its own held-out split: train/<class>/*.png and test/<class>/*.png.
-        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-        train_images, train_labels, names = _read_class_tree(root / "train", size, classes)
-        test_images, test_labels, _ = _read_class_tree(root / "test", size, classes)
-        return Dataset(
-            name="imagefolder", classes=classes,
-            train_images=torch.from_numpy(train_images), train_labels=torch.from_numpy(train_labels),
-            test_images=torch.from_numpy(test_images), test_labels=torch.from_numpy(test_labels),
-            file_names=[f"train/{n}" for n in names], flip_augment=True,
-        )
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+        train = _load_split(root, root / "train", *_class_tree_files(root / "train", classes), options)
+        test = _load_split(root, root / "test", *_class_tree_files(root / "test", classes), options)
+        skipped = _check_readable(root, [train, test], options.strict)
+        return _folder_dataset(root, classes, train, test, skipped)
     if subdirs and not options.classes:
         # A labeled class-per-folder tree: the whole tree is the pool, with no held-out split.
-        images, labels, names = _read_class_tree(root, size, subdirs)
-        return Dataset(
-            name="imagefolder", classes=subdirs,
-            train_images=torch.from_numpy(images), train_labels=torch.from_numpy(labels),
-            file_names=names, flip_augment=True,
-        )
+        files, labels = _class_tree_files(root, subdirs)
+        if not files:
+            raise DatasetError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(root)!r}")
+        train = _load_split(root, root, files, labels, options)
+        return _folder_dataset(root, subdirs, train, None, _check_readable(root, [train], options.strict))
     # A flat folder of unlabeled images: real annotation work, the classes come from --classes.
     if not options.classes:
         raise DatasetError("a flat folder of unlabeled images needs --classes a,b,c")
@@ -459,13 +557,8 @@ def load_image_folder(options: LoadOptions) -> Dataset:
     files = _image_files(root)
     if not files:
         raise DatasetError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(root)!r}")
-    images = np.stack([read_image(path, size) for path in files])
-    return Dataset(
-        name="imagefolder", classes=list(options.classes),
-        train_images=torch.from_numpy(images),
-        train_labels=torch.full((len(files),), -1, dtype=torch.int64),
-        file_names=[p.name for p in files], flip_augment=True,
-    )
+    train = _load_split(root, root, files, [-1] * len(files), options)
+    return _folder_dataset(root, list(options.classes), train, None, _check_readable(root, [train], options.strict))
 
 
 # --------------------------------------------------------------------------------------------

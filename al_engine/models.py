@@ -135,11 +135,39 @@ class ResNet18(FeatureClassifier):
         return F.relu(self.fc_embed(self.features_before_feature_layer(x)))
 
 
+class FeatureHead(FeatureClassifier):
+    """A head over features computed once by a frozen backbone: fc(F -> embed_dim) - relu, then the
+    base class's dropout and last layer.
+
+    Input (B, F, 1, 1) (any (B, C, H, W) works: it is flattened). The hidden width defaults to 256,
+    not the CNNs' 50: a 512-2048-d pretrained feature squeezed through 50 units loses much of what a
+    linear probe of it can tell apart, while 256 still trains in about a second on a CPU and keeps
+    BADGE's (C x 256) gradient embeddings and the k-center distances cheap.
+    """
+
+    default_embed_dim = 256
+
+    def __init__(self, in_channels: int = 512, num_classes: int = 10, image_size: int = 1,
+                 embed_dim: int = 256, dropout: float = 0.5):
+        super().__init__(embed_dim, num_classes, dropout)
+        self.fc_embed = nn.Linear(in_channels * image_size * image_size, embed_dim)
+
+    def features_before_feature_layer(self, x):
+        return x.flatten(1)
+
+    def embed(self, x):
+        return F.relu(self.fc_embed(x.flatten(1)))
+
+
 MODELS: dict[str, Callable[..., FeatureClassifier]] = {
     "small-cnn": SmallCNN,
     "colour-cnn": ColourCNN,
     "resnet18": ResNet18,
+    "head": FeatureHead,
 }
+
+# Smallest side each model can take (the CNNs' convolutions and poolings need this much).
+MIN_IMAGE_SIDE = {"small-cnn": 16, "colour-cnn": 14, "resnet18": 8, "head": 1}
 
 
 def model_names() -> list[str]:
@@ -147,13 +175,19 @@ def model_names() -> list[str]:
 
 
 def default_model_name(image_shape: tuple[int, int, int]) -> str:
-    """The literature's choice: the small CNN for grey images, the three-conv CNN for colour."""
+    """The literature's choice: the small CNN for grey images, the three-conv CNN for colour; a head
+    for backbone features, whose shape is (F, 1, 1)."""
+    if image_shape[1:] == (1, 1):
+        return "head"
     return "small-cnn" if image_shape[0] == 1 else "colour-cnn"
 
 
 def build_model(name: str, image_shape: tuple[int, int, int], num_classes: int,
-                embed_dim: int = 50, dropout: float = 0.5) -> FeatureClassifier:
-    """Build a fresh network by registry name ('auto' picks by the image shape)."""
+                embed_dim: int | None = None, dropout: float = 0.5) -> FeatureClassifier:
+    """Build a fresh network by registry name ('auto' picks by the image shape).
+
+    `embed_dim` None = the model's own default (50 for the CNNs, 256 for the feature head).
+    """
     if name == "auto":
         name = default_model_name(image_shape)
     if name not in MODELS:
@@ -161,8 +195,10 @@ def build_model(name: str, image_shape: tuple[int, int, int], num_classes: int,
     channels, height, width = image_shape
     if height != width:
         raise ValueError(f"models expect square images, got {height}x{width}")
-    minimum = {"small-cnn": 16, "colour-cnn": 14, "resnet18": 8}[name]
+    minimum = MIN_IMAGE_SIDE.get(name, 1)
     if height < minimum:
         raise ValueError(f"model {name!r} needs images of at least {minimum}x{minimum}, got {height}x{width}")
+    if embed_dim is None:
+        embed_dim = getattr(MODELS[name], "default_embed_dim", 50)
     return MODELS[name](in_channels=channels, num_classes=num_classes, image_size=height,
                         embed_dim=embed_dim, dropout=dropout)

@@ -175,16 +175,21 @@ def train_classifier(
     """Train `model` in place on pool items `indices` with answers `labels` (cross-entropy)."""
     start = time.perf_counter()
     model.to(device).train()
-    images = dataset.normalize(dataset.train_images[torch.as_tensor(indices, dtype=torch.long)]).to(device)
+    # The labeled items stay in their stored type (uint8 pixels: a quarter of float32, which matters
+    # at 224 px) and each batch is normalised as it is used; normalisation is elementwise, so this
+    # gives the same numbers as normalising them all up front.
+    images = dataset.train_images[torch.as_tensor(indices, dtype=torch.long)].to(device)
     targets = torch.as_tensor(labels, dtype=torch.long, device=device)
     if len(targets) == 0:
         return TrainResult(0, math.nan, 0.0)
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model.parameters(), config)
+    # Shifts and flips are for pictures: on backbone features (N, F, 1, 1) they would zero them out.
+    augment = config.augment and not dataset.is_features
 
     def batch_loss(batch: torch.Tensor) -> torch.Tensor:
-        inputs = images[batch]
-        if config.augment:
+        inputs = dataset.normalize(images[batch])
+        if augment:
             inputs = augment_batch(inputs.cpu(), dataset.flip_augment, generator).to(device)
         return F.cross_entropy(model(inputs), targets[batch])
 
@@ -287,7 +292,7 @@ def distill_student(student: nn.Module, teacher: nn.Module, dataset: Dataset, in
     config.validate()
     start = time.perf_counter()
     student.to(device).eval()
-    images = dataset.normalize(dataset.train_images[torch.as_tensor(indices, dtype=torch.long)]).to(device)
+    images = dataset.train_images[torch.as_tensor(indices, dtype=torch.long)].to(device)  # normalised per batch
     if teacher_features is None:
         teacher_features = embed_pool(teacher, dataset, indices, device)
     targets = teacher_features.detach().to(device).clone()  # (N, D) what the student must reproduce
@@ -297,7 +302,7 @@ def distill_student(student: nn.Module, teacher: nn.Module, dataset: Dataset, in
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
 
     def batch_loss(batch: torch.Tensor) -> torch.Tensor:
-        return distillation_loss(student.embed(images[batch]), targets[batch], config.loss)
+        return distillation_loss(student.embed(dataset.normalize(images[batch])), targets[batch], config.loss)
 
     losses = run_epochs(batch_loss, optimizer, len(targets), config, generator, device, on_epoch_end)
     student.eval()

@@ -8,6 +8,21 @@ import torch
 from al_engine.data import Dataset, LoadOptions, load_dataset
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Image-folder caches of every test go to a temporary folder, never the user's ~/.cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def digits():
     """scikit-learn's embedded digits (1442 pool items, 355 test items, 28x28 grey)."""

@@ -193,18 +193,28 @@ def test_imagefolder_flat_unlabeled_with_classes(tmp_path):
     assert dataset.file_names == [f"img{i}.jpg" for i in range(4)]
 
 
-def test_imagefolder_corrupt_image_is_named(tmp_path):
+def test_imagefolder_corrupt_image_is_skipped_and_named(tmp_path):
+    # Changed on purpose: a damaged file used to abort the load; now it is left out and reported,
+    # and only --strict refuses the folder.
     write_png(tmp_path / "good.png", (0, 0, 0))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    dataset = load_dataset("imagefolder", LoadOptions(data_dir=str(tmp_path), classes=["a", "b"], progress=False))
+    assert dataset.file_names == ["good.png"]
+    assert [name for name, _ in dataset.skipped] == ["broken.png"]
     with pytest.raises(DatasetError, match="broken.png"):
-        load_dataset("imagefolder", LoadOptions(data_dir=str(tmp_path), classes=["a", "b"]))
+        load_dataset("imagefolder", LoadOptions(data_dir=str(tmp_path), classes=["a", "b"], strict=True))
 
 
 def test_imagefolder_decompression_bomb_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 20x16 image then counts as a bomb
     write_png(tmp_path / "big.png", (0, 0, 0))
-    with pytest.raises(DatasetError, match="decompression-bomb"):
-        load_dataset("imagefolder", LoadOptions(data_dir=str(tmp_path), classes=["a", "b"]))
+    write_png(tmp_path / "small.png", (0, 0, 0), size=(8, 8))
+    dataset = load_dataset("imagefolder", LoadOptions(data_dir=str(tmp_path), classes=["a", "b"], progress=False))
+    assert dataset.file_names == ["small.png"]
+    assert dataset.skipped[0][0] == "big.png" and "decompression-bomb" in dataset.skipped[0][1]
+    (tmp_path / "small.png").unlink()  # nothing readable left: a clear error, naming the reason
+    with pytest.raises(DatasetError, match="no readable images.*decompression-bomb"):
+        load_dataset("imagefolder", LoadOptions(data_dir=str(tmp_path), classes=["a", "b"], progress=False))
 
 
 def test_subset_is_seeded_and_keeps_test_split(digits):

@@ -334,10 +334,10 @@ def png_header(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
 
 
-def image_folder(tmp_path: Path, bad_name: str, bad_bytes: bytes) -> str:
+def image_folder(tmp_path: Path, bad_name: str, bad_bytes: bytes, good: int = 3) -> str:
     folder = tmp_path / "photos"
     folder.mkdir()
-    for i in range(3):
+    for i in range(good):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"ok{i}.png")
     (folder / bad_name).write_bytes(bad_bytes)
     return str(folder)
@@ -406,11 +406,13 @@ CLI_CASES = {
     "serve on a garbage database": (lambda t, p: serve(p, garbage_file(t)), "not a database"),
     "serve on a folder as database": (lambda t, p: serve(p, a_folder(t)), "cannot use database"),
     "serve with a database of a newer version": (lambda t, p: serve(p, newer_db(t)), "newer"),
+    # An unreadable file beside good ones is now skipped and reported (the server starts); a folder
+    # whose only picture is unreadable is still one error line naming it.
     "serve with a corrupt image": (lambda t, p: serve(p, str(t / "s.db"), "--dataset", "imagefolder", "--data-dir",
-                                                      image_folder(t, "broken.png", b"\x89PNG\r\n garbage"),
+                                                      image_folder(t, "broken.png", b"\x89PNG\r\n garbage", good=0),
                                                       "--classes", "a,b"), "broken.png"),
     "serve with a decompression bomb": (lambda t, p: serve(p, str(t / "s.db"), "--dataset", "imagefolder", "--data-dir",
-                                                           image_folder(t, "bomb.png", png_header(30000, 30000)),
+                                                           image_folder(t, "bomb.png", png_header(30000, 30000), good=0),
                                                            "--classes", "a,b"), "bomb.png"),
     "serve with a missing image folder": (lambda t, p: serve(p, str(t / "s.db"), "--dataset", "imagefolder",
                                                              "--data-dir", str(t / "nowhere")), "does not exist"),

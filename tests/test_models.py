@@ -42,3 +42,16 @@ def test_bad_model_requests_are_value_errors():
         build_model("vgg", (1, 28, 28), 10)
     with pytest.raises(ValueError, match="at least"):
         build_model("small-cnn", (1, 8, 8), 10)
+
+
+def test_feature_head_takes_backbone_features():
+    model = build_model("auto", (512, 1, 1), num_classes=3).eval()
+    assert type(model).__name__ == "FeatureHead"
+    assert model.embed_dim == 256  # its own default width, not the CNNs' 50
+    assert build_model("head", (512, 1, 1), 3, embed_dim=32).embed_dim == 32
+    x = torch.randn(5, 512, 1, 1)
+    assert torch.equal(model.features_before_feature_layer(x), x.flatten(1))
+    features = model.embed(x)
+    assert features.shape == (5, 256) and (features >= 0).all()
+    assert torch.allclose(torch.relu(model.feature_layer(x.flatten(1))), features)
+    assert model(x).shape == (5, 3)
