@@ -69,16 +69,28 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="fetch the dataset first (needs internet)")
     parser.add_argument("--subset", type=int, help="keep a seeded random N items of the pool")
     parser.add_argument("--classes", type=comma_list, help="class names for a flat folder of images: a,b,c")
-    parser.add_argument("--image-size", type=int, default=32, help="side in pixels for image folders")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="model input side in pixels for image folders: the shorter side is resized to it and "
+                             "the centre cropped (default: 32; a torchvision model's own, 224 for most)")
+    parser.add_argument("--cache-dir", help="folder of the pixel and feature caches "
+                                            "(default: $XDG_CACHE_HOME/al-annotator, else ~/.cache/al-annotator)")
+    parser.add_argument("--strict", action="store_true", help="refuse unreadable image files instead of skipping them")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    from al_engine.backbones import backbone_names
     from al_engine.models import model_names
     from al_engine.train import TRAIN_PRESETS
 
-    parser.add_argument("--model", default="auto", choices=model_names(), metavar="NAME",
-                        help=f"one of {', '.join(model_names())}")
-    parser.add_argument("--embed-dim", type=int, default=50, help="width of the penultimate feature")
+    parser.add_argument("--model", default="auto", choices=model_names() + backbone_names(), metavar="NAME",
+                        help=f"one of {', '.join(model_names())}, or a torchvision classification model "
+                             "(resnet18, resnet50, efficientnet_b0, convnext_tiny, vit_b_16, ...)")
+    parser.add_argument("--weights", metavar="NAME|PATH",
+                        help="torchvision model: weights name (DEFAULT, IMAGENET1K_V1, ...; needs internet once) or a "
+                             "local state-dict file; the backbone is then frozen and only a head trains")
+    parser.add_argument("--finetune", action="store_true", help="torchvision model: train the whole network")
+    parser.add_argument("--embed-dim", type=int, default=None,
+                        help="width of the penultimate feature (default: 50; 256 for a torchvision model's head)")
     parser.add_argument("--initial", type=int, default=100, help="size of the random initial labeled set")
     parser.add_argument("--query-size", type=int, default=100, help="items per queried batch")
     parser.add_argument("--rounds", type=int, default=10, help="number of queried batches")
@@ -115,8 +127,14 @@ def run_config_from_args(args: argparse.Namespace, **overrides):
     """The RunConfig whose fields the arguments name (each flag fills the field of its name)."""
     from al_engine.config import RunConfig
 
+    from al_engine.backbones import model_defaults
+
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
     values["strategy_options"] = dict(values.get("strategy_options") or [])
+    if "model" in values:  # sizes left unsaid follow the model (a torchvision backbone wants its own)
+        for key, value in model_defaults(values["model"], values.get("weights"), values.get("finetune", False)).items():
+            if values.get(key) is None:
+                values[key] = value
     values.update(overrides)
     return RunConfig(**values)
 

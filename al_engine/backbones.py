@@ -67,6 +67,15 @@ def model_mode(model: str, weights: str | None, finetune: bool) -> str:
     return "frozen" if weights and not finetune else "finetune"
 
 
+def model_defaults(model: str, weights: str | None, finetune: bool) -> dict:
+    """`--image-size` and `--embed-dim` when the command line leaves them unsaid: the project's
+    networks take 32 px and a 50-d feature; a torchvision model the size its weights were trained at
+    (224 without weights) and the head's 256-d feature."""
+    if model_mode(model, weights, finetune) == "project":
+        return {"image_size": 32, "embed_dim": 50}
+    return {"image_size": resolve_weights(model, weights).image_size, "embed_dim": FeatureHead.default_embed_dim}
+
+
 # --------------------------------------------------------------------------------------------
 # Weights
 

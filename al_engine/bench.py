@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import RunConfig
+from .config import RunConfig, default_settings
 from .data import Dataset, load_dataset, take_subset
 from .distributed import broadcast_from_main, init_distributed, is_initialised, run_or_serve
 from .errors import ConfigError
@@ -139,7 +139,7 @@ def is_finished(config: RunConfig) -> bool:
     files = RunFiles(config.out)
     if files.finished_rounds() < config.rounds + 1:
         return False
-    files.check_comparable(dataclasses.asdict(config))
+    files.check_comparable(dataclasses.asdict(config), default_settings())
     return True
 
 

@@ -5,7 +5,7 @@ setting it fills have the same name; config.json records `asdict(config)` as the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from .data import LoadOptions
 from .errors import ConfigError
@@ -21,8 +21,12 @@ class RunConfig:
     download: bool = False
     subset: int | None = None  # keep a seeded random N of the pool
     classes: list[str] | None = None  # for a flat folder of unlabeled images
-    image_size: int = 32  # pixels, image folders only
-    model: str = "auto"
+    image_size: int = 32  # pixels per side of the model's input, image folders (shorter side resized, centre crop)
+    cache_dir: str | None = None  # pixel and feature caches; None = $XDG_CACHE_HOME/al-annotator (~/.cache/...)
+    strict: bool = False  # image folders: refuse unreadable files instead of skipping them
+    model: str = "auto"  # a project network (models.MODELS) or any torchvision classification model
+    weights: str | None = None  # torchvision model: a weights name (DEFAULT, IMAGENET1K_V1) or a state-dict file
+    finetune: bool = False  # torchvision model: train the whole network (default with weights: frozen, head only)
     embed_dim: int = 50  # width of the penultimate feature
     strategy: str = "random"
     strategy_options: dict = field(default_factory=dict)
@@ -61,4 +65,10 @@ class RunConfig:
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(data_dir=self.data_dir, download=self.download, subset=self.subset,
-                           classes=self.classes, image_size=self.image_size, seed=self.seed)
+                           classes=self.classes, image_size=self.image_size, seed=self.seed,
+                           cache_dir=self.cache_dir, strict=self.strict)
+
+
+def default_settings() -> dict:
+    """Every setting at its default, as config.json's `settings` records them."""
+    return asdict(RunConfig())

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import backbones
 from .config import RunConfig
 from .data import Dataset, Pool, load_dataset
 from .errors import ConfigError
@@ -39,26 +40,40 @@ class Engine:
         self.config = config
         self.train_config = config.train_config()
         self.device = resolve_device(config.device)
-        self.dataset = dataset if dataset is not None else load_dataset(config.dataset, config.load_options())
+        self.mode = backbones.model_mode(config.model, config.weights, config.finetune)
+        # What people see (pixels, original files) and what the model reads (the same, or features).
+        self.images = dataset if dataset is not None else load_dataset(config.dataset, config.load_options())
+        self.dataset = model_dataset(config, self.images, self.device)
         self.strategy: Strategy = get_strategy(config.strategy, **config.strategy_options)
         self.pool = Pool(len(self.dataset.train_labels))
         self.model: FeatureClassifier | None = None
         self.round = -1  # the last round trained (-1: none yet)
         self.on_epoch_end = on_epoch_end
         self.query_hook = query_hook
-        try:  # fail before any work if the model cannot take these images
-            build_model(config.model, self.dataset.image_shape, self.dataset.num_classes, config.embed_dim)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        if self.mode == "project":
+            try:  # fail before any work if the model cannot take these images
+                build_model(config.model, self.dataset.image_shape, self.dataset.num_classes, config.embed_dim)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
 
     @property
     def model_name(self) -> str:
+        if self.mode == "frozen":
+            return f"head on frozen {self.config.model} features"
+        if self.mode == "finetune":
+            return f"{self.config.model} (fine-tuned)"
         return default_model_name(self.dataset.image_shape) if self.config.model == "auto" else self.config.model
 
     def new_model(self) -> FeatureClassifier:
-        """A freshly initialised network of the run's architecture, on the run's device."""
-        return build_model(self.config.model, self.dataset.image_shape, self.dataset.num_classes,
-                           self.config.embed_dim).to(self.device)
+        """A freshly initialised network of the run's architecture, on the run's device: a project
+        network, the head over frozen features, or the whole torchvision network (from its weights)."""
+        if self.mode == "finetune":
+            backbone = backbones.build_backbone(self.config.model, self.config.weights, self.dataset.image_shape[-1])
+            model = backbones.build_finetune_model(backbone, self.dataset.num_classes, self.config.embed_dim)
+        else:
+            name = "head" if self.mode == "frozen" else self.config.model
+            model = build_model(name, self.dataset.image_shape, self.dataset.num_classes, self.config.embed_dim)
+        return model.to(self.device)
 
     def initial_indices(self, count: int | None = None) -> np.ndarray:
         """The seeded random initial labeled set (`count` items, default --initial)."""
@@ -125,6 +140,18 @@ class Engine:
         """The run's record for config.json: every setting, what they resolved to, and versions."""
         return {"settings": asdict(self.config), "train": asdict(self.train_config), "model": self.model_name,
                 "device": str(self.device), "dataset": self.dataset.describe(), "versions": package_versions()}
+
+
+def model_dataset(config: RunConfig, dataset: Dataset, device: torch.device, progress: bool = True) -> Dataset:
+    """The dataset as the run's model reads it: pixels (project networks; fine-tuning, normalised the way
+    the backbone's weights expect), or the frozen backbone's features, computed once and cached."""
+    mode = backbones.model_mode(config.model, config.weights, config.finetune)
+    if mode == "project" or dataset.is_features:
+        return dataset
+    backbone = backbones.build_backbone(config.model, config.weights, dataset.image_shape[-1], progress=progress)
+    if mode == "finetune":
+        return backbones.finetune_dataset(dataset, backbone)
+    return backbones.build_feature_dataset(dataset, backbone, config.cache_dir, device, progress=progress)
 
 
 def package_versions() -> dict:

@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .config import RunConfig
+from .config import RunConfig, default_settings
 from .data import Dataset
 from .engine import Engine, QueryHook
 from .errors import ConfigError
@@ -52,7 +52,7 @@ def run_simulation(config: RunConfig, oracle_factory: Callable[[Dataset, RunConf
         raise ConfigError(f"dataset {config.dataset!r} has no ground-truth labels to simulate an oracle with")
     oracle = oracle_factory(engine.dataset, config)
     files = RunFiles(config.out)
-    start_round, saved = files.resume(asdict(config), config.rounds)
+    start_round, saved = files.resume(asdict(config), config.rounds, default_settings())
     if saved is None:
         initial = engine.initial_indices()
         engine.add_answers(initial, oracle.answer(initial, -1), round_index=-1)

@@ -21,13 +21,17 @@ import numpy as np
 
 from .errors import ConfigError
 
-# Settings that may change between a run and its resume: more rounds, where it runs.
-RESUMABLE_CHANGES = ("rounds", "device", "out")
+# Settings that may change between a run and its resume: more rounds, where it runs and caches.
+RESUMABLE_CHANGES = ("rounds", "device", "out", "cache_dir")
 
 
-def comparable(settings: dict) -> dict:
-    """The settings that must be equal for a folder's run to be resumed (or reused) by another."""
-    return {key: value for key, value in settings.items() if key not in RESUMABLE_CHANGES}
+def comparable(settings: dict, defaults: dict | None = None) -> dict:
+    """The settings that must be equal for a folder's run to be resumed (or reused) by another.
+
+    A setting the record lacks (it was written before the setting existed) counts as its default,
+    so adding a setting never orphans the runs already recorded."""
+    merged = {**(defaults or {}), **settings}
+    return {key: value for key, value in merged.items() if key not in RESUMABLE_CHANGES}
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -96,13 +100,14 @@ class RunFiles:
             return 0
         return int(json.loads(self.state.read_text())["completed_rounds"])
 
-    def check_comparable(self, settings: dict) -> None:
-        """Refuse a folder that holds a run with other settings (more rounds or another device are fine)."""
+    def check_comparable(self, settings: dict, defaults: dict | None = None) -> None:
+        """Refuse a folder that holds a run with other settings (more rounds or another device are fine);
+        `defaults` stand in for settings an older record lacks."""
         previous = json.loads(self.config.read_text()).get("settings", {}) if self.config.exists() else {}
-        if comparable(previous) != comparable(settings):
+        if comparable(previous, defaults) != comparable(settings, defaults):
             raise ConfigError(f"{self.out} holds a run with other settings; choose another --out")
 
-    def resume(self, settings: dict, rounds: int) -> tuple[int, dict | None]:
+    def resume(self, settings: dict, rounds: int, defaults: dict | None = None) -> tuple[int, dict | None]:
         """(first round to run, the engine state to load): (0, None) for a new run, whose old lines
         are removed. A run of `rounds` resuming a finished shorter one redoes its last round, which
         queried nothing, so that it queries this time (training is seeded per round: an exact replay)."""
@@ -111,7 +116,7 @@ class RunFiles:
             for path in (self.metrics, self.queries):
                 path.unlink(missing_ok=True)
             return 0, None
-        self.check_comparable(settings)
+        self.check_comparable(settings, defaults)
         saved = json.loads(self.state.read_text())
         start_round = int(saved["completed_rounds"])
         if not saved.get("queried", True) and start_round <= rounds:

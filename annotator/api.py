@@ -12,7 +12,7 @@ from .state import annotator_state
 from .auth import current_user, require_user
 from .db import SKIP
 from .export import MEDIA_TYPES, STREAM_FORMATS, export_lines
-from .images import item_png
+from .images import cached_picture, picture_info
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -40,7 +40,9 @@ def status_payload() -> dict:
 
 
 def task_payload(item_id: int) -> dict:
-    return {"item_id": item_id, "image_url": url_for("api.item_image", item_id=item_id)}
+    """An item to label: its id, where its picture is, and the file's name and size (pixels, upright)."""
+    return {"item_id": item_id, "image_url": url_for("api.item_image", item_id=item_id),
+            **picture_info(annotator_state().images, item_id)}
 
 
 @bp.get("/status")
@@ -154,14 +156,17 @@ def undo(item_id: int):
     return jsonify(task_payload(item_id))
 
 
-@bp.get("/items/<int:item_id>/image.png")
+@bp.get("/items/<int:item_id>/image.png")  # the first URL of the API, kept for its clients
+@bp.get("/items/<int:item_id>/image")  # registered first: the URL url_for builds
 @require_user()
 def item_image(item_id: int):
+    """The item's picture: the original file (upright, aspect kept) or a crisp upscale (benchmarks)."""
     state = annotator_state()
     check_in_pool(item_id)
     if not get_db().item_in_batches(item_id):
         abort(404, f"item {item_id} is in no batch")
-    response = Response(item_png(state.image_cache, state.dataset.train_images, item_id), mimetype="image/png")
+    picture = cached_picture(state.pictures, state.images, item_id)
+    response = Response(picture.data, mimetype=picture.mimetype)
     response.headers["Cache-Control"] = "private, max-age=86400"
     return response
 

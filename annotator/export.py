@@ -17,7 +17,7 @@ from typing import Iterator
 from al_engine.errors import UserError
 
 from .db import AnnotationDB
-from .images import image_to_png
+from .images import upscaled_png
 
 FORMATS = ("csv", "jsonl", "imagefolder")
 STREAM_FORMATS = ("csv", "jsonl")
@@ -108,7 +108,7 @@ def write_imagefolder(db_path: str, out: Path, dataset=None, data_dir: str | Non
             if source is not None:
                 shutil.copyfile(source, target_dir / f"{row['item']}_{_safe_folder_name(source.name)}")
             elif dataset is not None:
-                (target_dir / f"{row['item']}.png").write_bytes(image_to_png(dataset.train_images[row["item"]], 0))
+                (target_dir / f"{row['item']}.png").write_bytes(upscaled_png(dataset.train_images[row["item"]], display_side=0))
             else:
                 raise UserError("the images are not available: the run's dataset could not be loaded")
             count += 1

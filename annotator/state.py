@@ -8,6 +8,7 @@ from flask import current_app
 from al_engine.config import RunConfig
 from al_engine.data import Dataset
 
+from .images import PictureCache
 from .worker import EngineDriver, EngineWorker
 
 
@@ -20,7 +21,12 @@ class AnnotatorState:
     dataset: Dataset
     driver: EngineDriver
     worker: EngineWorker | None = None  # the background thread when START_ENGINE
-    image_cache: dict = field(default_factory=dict)  # item id -> PNG bytes
+    pictures: PictureCache = field(default_factory=PictureCache)  # item id -> the encoded picture shown
+
+    @property
+    def images(self) -> Dataset:
+        """What people see: the pixels or original files (the model may read backbone features instead)."""
+        return self.driver.engine.images
 
     @property
     def classes(self) -> list[str]:
