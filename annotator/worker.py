@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from al_engine.seeding import Stream
 from al_engine.strategies import picks_available
 from oracle.human import HumanOracle
 
-from .db import AnnotationDB
+from .db import AnnotationDB, database_gone_message, file_identity
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class EngineDriver:
     def __init__(self, engine: Engine, db_path: str, status: EngineStatus | None = None):
         self.engine = engine
         self.db = AnnotationDB(db_path)  # this thread's own connection
+        self.db_path = db_path
+        self.db_identity = file_identity(db_path)  # an open connection keeps writing to a deleted file: look
         self.oracle = HumanOracle(self.db, engine.dataset)
         self.status = status or EngineStatus()
         self.engine.on_epoch_end = self._on_epoch_end
@@ -205,9 +208,19 @@ class EngineWorker(threading.Thread):
         if self.is_alive():
             self.join(timeout)
 
+    def database_gone(self) -> bool:
+        return file_identity(self.driver.db_path) != self.driver.db_identity
+
     def run(self) -> None:
         self.status.set("starting")
         while not self._stopping.is_set():
+            if self.database_gone():  # training on would write into a deleted file that nobody reads again
+                message = database_gone_message(self.driver.db_path)
+                log.error("engine stopped: %s", message)
+                print(f"annotator: engine stopped: {message}", file=sys.stderr, flush=True)
+                self.status.set("error", 0.0, message)
+                self.driver.close()
+                return
             try:
                 busy = self.driver.step()
             except EngineStopped:
