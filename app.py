@@ -139,7 +139,9 @@ def run_config_from_args(args: argparse.Namespace, **overrides):
             if values.get(key) is None:
                 values[key] = value
     values.update(overrides)
-    return RunConfig(**values)
+    config = RunConfig(**values)
+    config.validate()  # before any data loads: a bad value is one line now, not a traceback later
+    return config
 
 
 # --------------------------------------------------------------------------------------------

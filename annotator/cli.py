@@ -197,7 +197,18 @@ def _existing_db(path: str) -> str:
 
 
 def export_command(args) -> int:
-    """`app.py export --format csv|jsonl|imagefolder --out PATH [--db DB]`."""
+    """`app.py export --format csv|jsonl|imagefolder --out PATH [--db DB]`; a place that cannot be written
+    (a file where a folder should be, a read-only filesystem, no permission) is one error line."""
+    try:
+        return _export(args)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot write {args.out!r}: a part of that path is a file, not a folder") from None
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename and str(error.filename) != args.out else ""
+        raise UserError(f"cannot write {args.out!r}{where}: {error.strerror or error}") from None
+
+
+def _export(args) -> int:
     db_path = _existing_db(args.db)
     out = Path(args.out)
     if args.format in ("csv", "jsonl"):
