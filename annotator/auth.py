@@ -113,10 +113,10 @@ def sign_in_page(token: str):
         abort(401, INVALID_LINK)
     signed_in = session_user()
     if signed_in is not None and signed_in.id != user.id:
-        response = render_template("signin.html", switch=True, user=user, signed_in=signed_in, token=token)
+        response = render_template("signin.html", switch=True, link_user=user, signed_in=signed_in, token=token)
     else:
         sign_in(token)
-        response = render_template("signin.html", switch=False, user=user)
+        response = render_template("signin.html", switch=False, link_user=user)
     return response, 200, {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
 
