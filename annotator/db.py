@@ -729,4 +729,8 @@ class AnnotationDB:
                     }
         finally:
             cursor.execute("COMMIT")
+            # The snapshot held the WAL back from checkpoints while it lasted: checkpoint now, without waiting
+            # for anyone, so that the next commit can restart the WAL and cut it back to WAL_SIZE_LIMIT.
+            with contextlib.suppress(sqlite3.Error):
+                cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
             cursor.close()
