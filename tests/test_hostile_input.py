@@ -578,3 +578,49 @@ def test_imagefolder_export_keeps_hostile_class_and_file_names_inside_its_folder
     assert len(written) == 6 and all(p.resolve().is_relative_to(out.resolve()) for p in written)
     assert all(p.read_bytes() != secret.read_bytes() for p in written)  # encoded from the pool, not copied
     assert not (tmp_path / "escaped").exists() and len(list(out.iterdir())) == len(classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Failing storage: a lookup that raises, a database deleted under the running app
+
+
+@pytest.mark.parametrize("path", ["/api/status", "/dashboard", "/"])
+def test_a_failing_user_lookup_is_a_503_with_its_message_not_an_empty_500(ctx, monkeypatch, path):
+    def failing(*_args, **_kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    client = ctx["app"].test_client()
+    assert client.get(f"/?token={TOKEN}").status_code == 200  # a session, for the cookie path
+    monkeypatch.setattr(AnnotationDB, "user_for_token", failing)
+    monkeypatch.setattr(AnnotationDB, "user_for_session", failing)
+    for headers in (ADMIN, {}):
+        response = client.get(path, headers=headers)
+        assert response.status_code == 503, (path, headers, response.status_code)
+        body = response.get_data(as_text=True)
+        assert "disk I/O error" in body and "Traceback" not in body
+        if path.startswith("/api/"):
+            assert response.get_json() == {"error": "disk I/O error", "status": 503}
+
+
+def test_a_database_deleted_under_the_app_is_a_503_and_is_not_recreated(tmp_path, digits):
+    import time
+
+    path = tmp_path / "gone.db"
+    app = create_app({"DATABASE": str(path), "RUN_CONFIG": small_config(), "DATASET": digits, "ADMIN_TOKEN": TOKEN,
+                      "START_ENGINE": True})
+    state = app.extensions["annotator"]
+    client = app.test_client()
+    assert client.get("/api/status", headers=ADMIN).status_code == 200
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        name.unlink(missing_ok=True)
+    response = client.get("/api/status", headers=ADMIN)
+    assert response.status_code == 503 and "deleted or replaced" in response.get_json()["error"]
+    assert client.post("/api/annotations", json={"item_id": 0, "label": 1}, headers=ADMIN).status_code == 503
+    assert not path.exists()  # not silently recreated as an empty database
+    deadline = time.monotonic() + 10
+    while state.worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not state.worker.is_alive()  # the engine stopped, saying why
+    snapshot = state.status.snapshot()
+    assert snapshot["state"] == "error" and "deleted or replaced" in snapshot["detail"]
+    assert not path.exists()
