@@ -191,6 +191,8 @@ class EngineWorker(threading.Thread):
         super().__init__(name="engine-worker", daemon=True)
         self.driver = driver
         self.poll_s = poll_s  # seconds between checks of the open batch when nobody notifies
+        self.retry_s = 5.0  # seconds before retrying a failed step, doubled after each further failure
+        self.max_failures = 4  # consecutive failed steps after which the engine stops (about 35 s of retries)
         self._wake = threading.Event()
         self._stopping = threading.Event()
 
@@ -213,6 +215,7 @@ class EngineWorker(threading.Thread):
 
     def run(self) -> None:
         self.status.set("starting")
+        failures = 0  # consecutive failed steps
         while not self._stopping.is_set():
             if self.database_gone():  # training on would write into a deleted file that nobody reads again
                 message = database_gone_message(self.driver.db_path)
@@ -223,13 +226,23 @@ class EngineWorker(threading.Thread):
                 return
             try:
                 busy = self.driver.step()
+                failures = 0
             except EngineStopped:
                 break
             except Exception as error:  # keep serving answers; show the failure on the dashboard
                 log.exception("engine step failed")
-                self.status.set("error", 0.0, f"{type(error).__name__}: {error}")
+                failures += 1
+                message = f"{type(error).__name__}: {error}"
+                if failures >= self.max_failures:  # the same step failed every time: retrying is pointless
+                    message = (f"{message} (the engine stopped after {failures} failed tries; answers are still "
+                               "stored: fix the cause and restart the server)")
+                    print(f"annotator: engine stopped: {message}", file=sys.stderr, flush=True)
+                    self.status.set("error", 0.0, message)
+                    self.driver.close()
+                    return
+                self.status.set("error", 0.0, message)
                 busy = False
-                self._stopping.wait(5.0)
+                self._stopping.wait(self.retry_s * 2 ** (failures - 1))  # 5, 10, 20 s ...
             if not busy:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()

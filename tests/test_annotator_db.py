@@ -273,3 +273,26 @@ def test_migration_3_orders_existing_answers_as_the_clock_did(tmp_path, digits):
     assert migrated.training_answers(0)[1] == [4]
     assert "sessions" in migrated.db.table_names() and "removed" in migrated.db["users"].columns_dict
     migrated.close()
+
+
+def test_an_engine_step_that_keeps_failing_stops_the_worker_instead_of_retrying_forever(tmp_path, digits):
+    import time
+
+    from annotator.worker import EngineWorker
+
+    make_app(tmp_path / "f.db", digits)
+    driver = EngineDriver(Engine(small_config(), dataset=digits), str(tmp_path / "f.db"))
+    tries = []
+
+    def failing_step():
+        tries.append(time.monotonic())
+        raise IndexError("index -1 is out of bounds for axis 0 with size 0")
+
+    driver.step = failing_step
+    worker = EngineWorker(driver)
+    worker.retry_s = 0.01
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive() and len(tries) == worker.max_failures
+    snapshot = worker.status.snapshot()
+    assert snapshot["state"] == "error" and "IndexError" in snapshot["detail"] and "stopped after" in snapshot["detail"]
