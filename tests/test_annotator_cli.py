@@ -186,3 +186,43 @@ def test_ctrl_c_stops_the_server_and_its_worker_cleanly(tmp_path):
     server.send_signal(signal.SIGINT)
     output, _ = server.communicate(timeout=30)
     assert server.returncode == 0 and "Traceback" not in output and "terminate called" not in output
+
+
+def test_the_sign_in_link_is_url_encoded():
+    from annotator.cli import sign_in_url
+
+    assert sign_in_url("0.0.0.0", 8080, "ab&c#d") == "http://127.0.0.1:8080/?token=ab%26c%23d"
+    assert sign_in_url("::1", 5000, "a b/é") == "http://[::1]:5000/?token=a%20b%2F%C3%A9"
+
+
+def test_a_running_server_holds_its_database_and_its_links_work(tmp_path, capsys):
+    """A real `python app.py` with a token that needs encoding: the printed link signs in (the cookie is
+    named after the port), `users add` prints this server's address, and a second server on the same
+    database is refused with one line while the first keeps working."""
+    import http.cookiejar
+
+    db, port, token = str(tmp_path / "held.db"), free_port(), "ab&c#d é"
+    command = [sys.executable, "app.py", "--db", db, "--token", token, "--port", str(port), "--initial", "10",
+               "--query-size", "5", "--rounds", "2", "--epochs", "2", "--device", "cpu"]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        link = next(line.split("sign in at ")[1].strip() for line in server.stdout if "sign in at" in line)
+        assert link == f"http://127.0.0.1:{port}/?token=ab%26c%23d%20%C3%A9"
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        with opener.open(link, timeout=10) as response:
+            assert response.status == 200 and "Signed in as owner" in response.read().decode()
+        assert [cookie.name for cookie in jar] == [f"annotator_session_{port}"]
+        with opener.open(f"http://127.0.0.1:{port}/whoami", timeout=10) as response:
+            assert json.loads(response.read()) == {"name": "owner", "role": "admin"}
+
+        code, out, _ = run_cli(capsys, "users", "--db", db, "add", "ida")
+        assert code == 0 and f"sign-in link: http://127.0.0.1:{port}/?token=" in out
+
+        code, _, err = run_cli(capsys, "--db", db, "--port", str(free_port()), "--token", "other", "--device", "cpu")
+        assert code == 2 and err.count("\n") == 1 and "in use by another server" in err
+        with opener.open(f"http://127.0.0.1:{port}/whoami", timeout=10) as response:  # the first is unharmed
+            assert json.loads(response.read())["name"] == "owner"
+    finally:
+        server.kill()
+        server.wait(10)
