@@ -226,3 +226,36 @@ def test_a_running_server_holds_its_database_and_its_links_work(tmp_path, capsys
     finally:
         server.kill()
         server.wait(10)
+
+
+def test_the_server_closes_half_sent_connections_after_its_channel_timeout(tmp_path, digits, monkeypatch):
+    """waitress, as app.py serves: a connection that sends half a request and stops is closed after the
+    channel timeout (30 s; 1 s here), while a whole request on another connection is answered at once."""
+    import threading
+
+    from annotator import cli
+    from server_harness import count_closed, open_idle_connections
+
+    monkeypatch.setattr(cli, "CHANNEL_TIMEOUT_S", 1)
+    monkeypatch.setattr(cli, "CLEANUP_INTERVAL_S", 1)
+    config = RunConfig(dataset="digits", initial=5, query_size=3, rounds=1, epochs=2, device="cpu")
+    app = create_app({"DATABASE": str(tmp_path / "t.db"), "RUN_CONFIG": config, "DATASET": digits, "ADMIN_TOKEN": TOKEN})
+    server = cli.make_server(app, "127.0.0.1", 0)
+    assert 16 <= server.connection_limit <= cli.MAX_CONNECTIONS and server.threads >= 4
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        idle = open_idle_connections(server.server_port, 5)
+        assert call(server.server_port, "/api/status")[0] == 200
+        time.sleep(0.3)
+        assert count_closed(idle) == 0
+        deadline = time.monotonic() + 10
+        while count_closed(idle) < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert count_closed(idle) == 5
+        for sock in idle:
+            sock.close()
+    finally:
+        server.shutdown()
+    thread.join(10)
+    assert not thread.is_alive()  # shutdown() from another thread ends serve_forever
