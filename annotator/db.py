@@ -259,9 +259,7 @@ def _create_private(path: str) -> None:
 
 def _read_write_uri(path: str) -> str:
     """A URI that opens an existing database and never creates one (a deleted file stays deleted)."""
-    from urllib.parse import quote
-
-    return "file:" + quote(os.path.abspath(path)) + "?mode=rw"
+    return Path(os.path.abspath(path)).as_uri() + "?mode=rw"
 
 
 class AnnotationDB:

@@ -77,6 +77,8 @@ def _temp_path(target: Path) -> Path:
 
 
 def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: never take another's file for dead
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

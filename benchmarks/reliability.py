@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's packages, not an installed copy
 
 from server_harness import crash_cycles, idle_connection_attack, load_rounds  # noqa: E402
 

@@ -536,9 +536,10 @@ def count_closed(sockets: list[socket.socket]) -> int:
 
     closed = 0
     for sock in sockets:
+        poller = select.poll()  # select() cannot watch descriptors past 1,024
+        poller.register(sock, select.POLLIN)
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if readable and not sock.recv(4096, socket.MSG_PEEK):
+            if poller.poll(0) and not sock.recv(4096, socket.MSG_PEEK):
                 closed += 1
         except OSError:
             closed += 1
