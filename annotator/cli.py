@@ -58,7 +58,14 @@ def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: s
     except OSError as error:
         raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port or --host") from None
     started = time.perf_counter()
-    dataset = load_dataset(config.dataset, config.load_options())
+    options = config.load_options()
+    if Path(db_path).is_file():  # a project that grows: the files the database knows keep their positions
+        known = AnnotationDB(db_path)
+        try:
+            options.file_order = known.known_files() or None
+        finally:
+            known.close()
+    dataset = load_dataset(config.dataset, options)
     app = create_app({"DATABASE": db_path, "RUN_CONFIG": config, "DATASET": dataset, "ADMIN_TOKEN": token,
                       "START_ENGINE": True})
     try:
@@ -70,6 +77,8 @@ def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: s
     try:  # from here on, Ctrl-C stops the worker and exits 0
         print(f"annotator: {dataset.name}, {dataset.train_images.shape[0]} items, {len(dataset.classes)} classes, "
               f"strategy {config.strategy}, database {db_path} (ready in {time.perf_counter() - started:.1f} s)")
+        for line in app.extensions["annotator"].folder.lines():  # said once per start
+            print(f"annotator: {line}")
         print(f"annotator: sign in at {sign_in_url(host, port, token)}", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
@@ -102,7 +111,7 @@ def export_command(args) -> int:
     settings = db.run_settings() or {}
     db.close()
     dataset = None
-    if settings:
+    if settings and settings.get("data_root") is None:  # an image folder's originals need no loading
         run = RunConfig(dataset=settings["dataset"], data_dir=settings.get("data_dir"), subset=settings.get("subset"),
                         classes=settings.get("class_option"), image_size=settings.get("image_size", 32),
                         seed=settings.get("seed", 0))
@@ -110,7 +119,8 @@ def export_command(args) -> int:
             dataset = load_dataset(run.dataset, run.load_options())
         except DatasetError as error:
             print(f"export: the dataset cannot be loaded ({error}); copying original files only", file=sys.stderr)
-    count = write_imagefolder(db_path, out, dataset=dataset, data_dir=settings.get("data_dir"))
+    # the folder as the server resolved it: not the --data-dir text, read from another working directory
+    count = write_imagefolder(db_path, out, dataset=dataset, data_dir=settings.get("data_root") or settings.get("data_dir"))
     print(f"exported {count} labeled images to {out}/<class>/")
     return 0
 
