@@ -71,6 +71,19 @@ class FolderReport:
         return said
 
 
+def load_pool(config: RunConfig, database: str) -> Dataset:
+    """The run's dataset; an image folder is listed with the files the database knows first, in their
+    order, so that a folder that grew keeps its earlier items' pool positions (the pixel cache appends)."""
+    options = config.load_options()
+    if Path(database).is_file():
+        known = AnnotationDB(database)
+        try:
+            options.file_order = known.known_files() or None
+        finally:
+            known.close()
+    return load_dataset(config.dataset, options)
+
+
 def item_ids_for(db: AnnotationDB, dataset: Dataset) -> tuple[ItemIds, FolderReport]:
     """Stable item ids for the pool (an image folder's manifest, reconciled with the folder now)."""
     pool_size = int(dataset.train_images.shape[0])
@@ -102,8 +115,8 @@ def create_app(config: dict | None = None) -> Flask:
         raise UserError("create_app needs a DATABASE path")
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
     run_config = settings.get("RUN_CONFIG") or RunConfig()
-    dataset = settings.get("DATASET") or load_dataset(run_config.dataset, run_config.load_options())
     database = str(settings["DATABASE"])
+    dataset = settings.get("DATASET") or load_pool(run_config, database)
 
     setup_db = AnnotationDB(database)  # creates/migrates the schema once
     try:

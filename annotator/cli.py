@@ -1,4 +1,4 @@
-"""The annotator's commands: `python app.py` (serve), `app.py export`, `app.py users`."""
+"""The annotator's commands: `python app.py` (serve), `app.py export`, `app.py import`, `app.py users`."""
 from __future__ import annotations
 
 import logging
@@ -46,7 +46,7 @@ def check_port(host: str, port: int) -> None:
 def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: str | None = None,
           db_path: str = "annotations.db") -> int:
     """Start the annotator with the engine in a background worker; runs until interrupted."""
-    from . import create_app
+    from . import create_app, load_pool
 
     if token is not None and not token.strip():
         raise UserError("--token must not be empty")
@@ -58,14 +58,7 @@ def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: s
     except OSError as error:
         raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port or --host") from None
     started = time.perf_counter()
-    options = config.load_options()
-    if Path(db_path).is_file():  # a project that grows: the files the database knows keep their positions
-        known = AnnotationDB(db_path)
-        try:
-            options.file_order = known.known_files() or None
-        finally:
-            known.close()
-    dataset = load_dataset(config.dataset, options)
+    dataset = load_pool(config, db_path)  # a project that grows: known files keep their positions
     app = create_app({"DATABASE": db_path, "RUN_CONFIG": config, "DATASET": dataset, "ADMIN_TOKEN": token,
                       "START_ENGINE": True})
     try:
@@ -122,6 +115,30 @@ def export_command(args) -> int:
     # the folder as the server resolved it: not the --data-dir text, read from another working directory
     count = write_imagefolder(db_path, out, dataset=dataset, data_dir=settings.get("data_root") or settings.get("data_dir"))
     print(f"exported {count} labeled images to {out}/<class>/")
+    return 0
+
+
+def import_command(args) -> int:
+    """`app.py import FILE --db DB`: labels one already has, as answers of the `import` annotator."""
+    from .imports import read_import
+
+    db = AnnotationDB(_existing_db(args.db))
+    try:
+        classes = (db.run_settings() or {}).get("classes") or []
+        plan = read_import(Path(args.source), classes, db.file_ids())
+        if not plan.labels:
+            shown = ", ".join(plan.unmatched[:3])
+            raise UserError(f"none of the {len(plan.unmatched)} file(s) in {args.source!r} is in the project"
+                            + (f" (e.g. {shown})" if shown else ""))
+        count = db.import_labels(plan.labels)
+    finally:
+        db.close()
+    print(f"imported {count} labels into {args.db} (annotator 'import'; used from the next training on)")
+    if plan.repeated:
+        print(f"import: {plan.repeated} row(s) named a file already given; the last one counts")
+    if plan.unmatched:
+        print(f"import: {len(plan.unmatched)} file(s) are not in the project and were left out: "
+              f"{', '.join(plan.unmatched[:3])}" + (" ..." if len(plan.unmatched) > 3 else ""), file=sys.stderr)
     return 0
 
 
