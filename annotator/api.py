@@ -66,7 +66,8 @@ def next_task():
 def tasks():
     """Up to `count` items leased to this annotator: the page shows the first and preloads the rest."""
     count = request.args.get("count", "1")
-    if not count.isdigit() or not 1 <= int(count) <= MAX_TASKS:
+    # ASCII digits only: str.isdigit() also accepts '²' or '①', which int() then refuses
+    if not (count.isascii() and count.isdigit() and len(count) <= 3) or not 1 <= int(count) <= MAX_TASKS:
         abort(400, f"count must be an integer from 1 to {MAX_TASKS}")
     items = get_db().lease_tasks(current_user().id, int(count))
     return jsonify(tasks=[task_payload(item) for item in items], status=status_payload())
