@@ -83,7 +83,8 @@ def dashboard_context() -> dict:
     rounds = db.rounds()
     return {"status": status, "class_counts": classes, "rounds": rounds, "curve": learning_curve(rounds),
             "has_test_split": state.dataset.test_images is not None,
-            "poll": poll_delay(status["engine"], status["finished"]), "run": state.run_config}
+            "poll": poll_delay(status["engine"], status["finished"]), "run": state.run_config,
+            "folder": state.folder}
 
 
 @bp.get("/dashboard")
