@@ -123,8 +123,9 @@ def sign_in_page(token: str):
 @bp.post("/signin")
 def signin():
     """The click of the switch-user page: the token in the form, the current session's CSRF token."""
-    if session_user() is not None:
-        request.environ[AUTH_KEY] = (session_user(), "session")
+    signed_in = session_user()
+    if signed_in is not None:  # switching away from a session needs that session's CSRF token
+        request.environ[AUTH_KEY] = (signed_in, "session")
         check_csrf()
     token = request.form.get("token", "")
     if sign_in(token) is None:

@@ -3,8 +3,9 @@
 // page asks the person to confirm a switch of user first.
 (function () {
   "use strict";
-  history.replaceState(null, "", "/");
-  var next = document.getElementById("signin").dataset.continue;
+  var page = document.getElementById("signin");
+  history.replaceState(null, "", page.dataset.home);
+  var next = page.dataset.continue;
   if (next) {
     location.replace(next);
   }

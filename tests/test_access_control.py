@@ -306,7 +306,8 @@ def test_the_sign_in_page_takes_the_token_out_of_the_history_and_is_not_cached(a
     script = re.search(r'<script src="([^"]*signin\.js)"', html).group(1)
     source = (ROOT / "static" / "signin.js").read_text()
     assert script.endswith("/static/signin.js")
-    assert 'history.replaceState(null, "", "/")' in source and "location.replace(next)" in source
+    assert 'history.replaceState(null, "", page.dataset.home)' in source and "location.replace(next)" in source
+    assert 'data-home="/"' in html and 'data-continue="/"' in html
 
 
 def test_the_database_and_its_wal_are_readable_by_the_owner_only(app):
