@@ -97,3 +97,17 @@ def test_label_a_batch_with_the_keyboard_and_see_the_next_round(server, page):
     labels = dict(db.db.execute("select item_id, label from answers where round = 0").fetchall())
     # Key k answers the class at position k (the tenth with 0): on digits, key "1" is class "0".
     assert labels[int(first)] == -1 and sorted(v for v in labels.values() if v >= 0) == [0, 1, 4, 8, 9]
+
+
+def test_the_sign_in_token_is_left_neither_in_the_address_bar_nor_in_the_history(server, page):
+    base, _ = server
+    page.goto(f"{base}/dashboard")  # an earlier page, so that there is a history to go back through
+    page.goto(f"{base}/?token={TOKEN}")
+    shown_item(page)  # the labeling page, reached by the sign-in page's location.replace
+    assert page.url == f"{base}/"
+    visited = [page.url]
+    while page.go_back() is not None:  # every entry of this tab's history
+        visited.append(page.url)
+    assert TOKEN not in " ".join(visited), visited
+    # the sign-in link's entry became the labeling page's: no extra entry to go back to
+    assert visited == [f"{base}/", f"{base}/dashboard"], visited
