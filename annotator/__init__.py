@@ -8,6 +8,12 @@
     ADMIN_TOKEN   the start-up sign-in token of the built-in admin (default: a random one)
     START_ENGINE  True: run the engine in a background thread (the server); False: tests call
                   `app.extensions["annotator"].driver.step()` themselves
+    OVERLAP       answers (by different annotators) each item needs before it counts as done (default 1)
+    LABEL_MODEL   "majority" (default) or "dawid-skene": how several answers become the training label
+    INSTRUCTIONS  the project's guidelines (Markdown text) shown in a panel and on first sign-in
+    CLOSE_GRACE_S seconds a complete batch waits before it closes, so its last answer can be undone
+                  (default 5 with START_ENGINE, else 0)
+    ALLOW_STRATEGY_CHANGE  True: a database started with another --strategy continues with this one
 
 The first batch is posted synchronously at start-up (it is random: there is no model yet), so
 the first image can be served at once.
@@ -28,8 +34,8 @@ from al_engine.data import Dataset, load_dataset
 from al_engine.engine import Engine
 from al_engine.errors import UserError
 
-from . import admin, api, auth, connection, errors, pages
-from .db import AnnotationDB
+from . import admin, api, auth, connection, errors, pages, review
+from .db import LABEL_MODELS, AnnotationDB, AnnotatorDBError
 from .state import AnnotatorState
 from .worker import EngineDriver, EngineWorker
 
@@ -67,9 +73,24 @@ def create_app(config: dict | None = None) -> Flask:
     dataset = settings.get("DATASET") or load_dataset(run_config.dataset, run_config.load_options())
     database = str(settings["DATABASE"])
 
+    overlap = settings.get("OVERLAP", 1)
+    label_model = settings.get("LABEL_MODEL", "majority")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1:
+        raise UserError(f"--overlap must be a whole number of at least 1, got {overlap!r}")
+    if label_model not in LABEL_MODELS:
+        raise UserError(f"unknown --label-model {label_model!r}; choose from: {', '.join(LABEL_MODELS)}")
     setup_db = AnnotationDB(database)  # creates/migrates the schema once
     try:
-        setup_db.bind_run(run_settings(run_config, dataset))
+        stored = setup_db.bind_run(run_settings(run_config, dataset))
+        if stored.get("strategy") not in (None, run_config.strategy):
+            if not settings.get("ALLOW_STRATEGY_CHANGE"):
+                raise AnnotatorDBError(
+                    f"database {database!r} was started with --strategy {stored['strategy']}, not "
+                    f"{run_config.strategy}; add --allow-strategy-change to query the next batches with "
+                    f"{run_config.strategy}, or choose another --db")
+            setup_db.set_run_setting("strategy", run_config.strategy)
+        setup_db.set_meta("overlap", str(overlap))
+        setup_db.set_meta("label_model", label_model)
         admin_token = settings.get("ADMIN_TOKEN") or secrets.token_urlsafe(24)
         setup_db.ensure_owner(admin_token)
         secret_key = setup_db.secret_key()
@@ -86,9 +107,12 @@ def create_app(config: dict | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     app.config.update({k: v for k, v in settings.items() if k.isupper() and k not in ("DATASET", "RUN_CONFIG")})
+    app.add_url_rule("/favicon.ico", "favicon", lambda: app.send_static_file("favicon.svg"))
 
-    driver = EngineDriver(Engine(run_config, dataset=dataset), database)
-    state = AnnotatorState(database=database, run_config=run_config, dataset=dataset, driver=driver)
+    grace = settings.get("CLOSE_GRACE_S", 5.0 if settings.get("START_ENGINE") else 0.0)
+    driver = EngineDriver(Engine(run_config, dataset=dataset), database, close_grace_s=float(grace))
+    state = AnnotatorState(database=database, run_config=run_config, dataset=dataset, driver=driver,
+                           instructions=settings.get("INSTRUCTIONS") or "")
     if driver.db.current_round() is None:
         driver.step()  # post the first (random) batch now: the first image is available at once
     if settings.get("START_ENGINE"):
@@ -104,4 +128,5 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(review.bp)
     return app

@@ -43,8 +43,22 @@ def check_port(host: str, port: int) -> None:
         probe.bind((host, port))
 
 
+def read_instructions(path: str | None) -> str:
+    """The guidelines file of --instructions (Markdown), read once at start; '' without one."""
+    if path is None:
+        return ""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise UserError(f"cannot read --instructions {path!r}: {reason}") from None
+    if len(text) > 200_000:
+        raise UserError(f"--instructions {path!r} is over 200,000 characters; keep the guidelines short")
+    return text
+
+
 def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: str | None = None,
-          db_path: str = "annotations.db") -> int:
+          db_path: str = "annotations.db", team: dict | None = None) -> int:
     """Start the annotator with the engine in a background worker; runs until interrupted."""
     from . import create_app
 
@@ -60,7 +74,7 @@ def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: s
     started = time.perf_counter()
     dataset = load_dataset(config.dataset, config.load_options())
     app = create_app({"DATABASE": db_path, "RUN_CONFIG": config, "DATASET": dataset, "ADMIN_TOKEN": token,
-                      "START_ENGINE": True})
+                      "START_ENGINE": True, **(team or {})})
     try:
         server = make_server(app, host, port)
     except (OSError, SystemExit) as error:  # werkzeug itself exits when the port is taken

@@ -22,6 +22,7 @@ class AnnotatorState:
     driver: EngineDriver
     worker: EngineWorker | None = None  # the background thread when START_ENGINE
     pictures: PictureCache = field(default_factory=PictureCache)  # item id -> the encoded picture shown
+    instructions: str = ""  # the project's guidelines for annotators (Markdown), from --instructions
 
     @property
     def images(self) -> Dataset:

@@ -74,8 +74,9 @@ class EngineDriver:
     """Advances the run one step at a time from what the database says; `step` is synchronous so tests
     can drive it, and `EngineWorker` calls it from a background thread."""
 
-    def __init__(self, engine: Engine, db_path: str, status: EngineStatus | None = None):
+    def __init__(self, engine: Engine, db_path: str, status: EngineStatus | None = None, close_grace_s: float = 0.0):
         self.engine = engine
+        self.close_grace_s = close_grace_s  # seconds a complete batch stays open for an undo of its last answer
         self.db = AnnotationDB(db_path)  # this thread's own connection
         self.oracle = HumanOracle(self.db, engine.dataset)
         self.status = status or EngineStatus()
@@ -116,7 +117,8 @@ class EngineDriver:
             self.status.set("finished", 1.0, f"all {round_index + 1} batches answered", round_index)
             return False
         if current["state"] == "labeling":
-            if self.oracle.collect(round_index) is None:
+            closed = self.db.close_round_if_complete(round_index, self.close_grace_s)
+            if not closed or self.oracle.collect(round_index) is None:
                 progress = self.db.batch_progress()
                 done = progress["query_size"] - progress["remaining"]
                 self.status.set("waiting", done / max(progress["query_size"], 1),
