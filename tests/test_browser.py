@@ -186,3 +186,34 @@ def test_zoom_toggles_between_fit_and_actual_pixels(server, page):
     assert page.evaluate("document.getElementById('item-image').getBoundingClientRect().width") == natural != fit
     page.click("#item-image")
     assert page.text_content("#zoom-state") == "fit"
+
+
+def test_undo_the_batch_closing_answer_then_correct_a_closed_round_and_relabel_on_review(server, page):
+    base, app = server
+    db = app.extensions["annotator"].driver.db
+    page.goto(f"{base}/?token={TOKEN}")
+    for done in range(1, 7):  # the whole initial batch of 6
+        shown_item(page)
+        page.keyboard.press("1")
+        wait_answered(page, done)
+    page.keyboard.press("Backspace")  # within the 5 s grace: the round is still open, the answer withdrawn
+    wait_answered(page, 5)
+    last = shown_item(page)
+    page.keyboard.press("2")
+    wait_answered(page, 6)
+    page.wait_for_function("document.getElementById('progress-round').textContent === '1'", timeout=60000)
+    page.keyboard.press("Backspace")  # round 0 is closed and trained: the image comes back as a correction
+    page.wait_for_function(f"document.getElementById('item-image').dataset.itemId === '{last}'"
+                           " && !document.getElementById('task-note').hidden", timeout=15000)
+    page.keyboard.press("7")
+    page.wait_for_function("document.getElementById('toast').textContent.startsWith('Corrected')", timeout=15000)
+    rows = db.db.execute("select label, source from answers where item_id = ?", [int(last)]).fetchall()
+    assert rows == [(7, "review")]
+    page.goto(f"{base}/review?round=0")
+    first_card = page.get_attribute(".review-card", "data-item-id")
+    page.click(f'.review-card[data-item-id="{first_card}"]')
+    page.keyboard.press("3")
+    page.wait_for_function("document.getElementById('toast').textContent.startsWith('Corrected')", timeout=15000)
+    assert db.db.execute("select label, source from answers where item_id = ?", [int(first_card)]).fetchall() == [(3, "review")]
+    if os.environ.get("ANNOTATOR_SCREENSHOTS"):
+        page.screenshot(path=os.path.join(os.environ["ANNOTATOR_SCREENSHOTS"], "review.png"), full_page=True)
