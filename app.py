@@ -306,6 +306,16 @@ def command_export(argv: list[str]) -> int:
     return export_command(parser.parse_args(argv))
 
 
+def command_import(argv: list[str]) -> int:
+    from annotator.cli import import_command
+
+    parser = OneLineParser(prog="app.py import", description="Import labels one already has into a project: "
+                           "a CSV with the columns file,label, or a class-per-folder tree.")
+    parser.add_argument("source", metavar="FILE", help="labels.csv (file,label) or a folder of class folders")
+    add_db_argument(parser)
+    return import_command(parser.parse_args(argv))
+
+
 def command_users(argv: list[str]) -> int:
     from annotator.cli import users_command
 
@@ -325,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     from al_engine.errors import UserError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    handlers = {"bench": command_bench, "export": command_export,
+    handlers = {"bench": command_bench, "export": command_export, "import": command_import,
                 "strategies": command_strategies, "users": command_users}
     try:
         if argv and argv[0] in handlers:

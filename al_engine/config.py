@@ -57,6 +57,31 @@ class RunConfig:
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError("--epochs must be at least 1")
 
+    def planned_labels(self) -> int:
+        """Items the plan asks for: the initial set and every round's batch."""
+        return self.initial + self.rounds * self.query_size
+
+    def check_plan(self, pool_size: int) -> None:
+        """Refuse a plan the pool cannot fill (a simulated run), instead of a surprise short batch."""
+        if self.initial > pool_size:
+            raise ConfigError(f"--initial {self.initial} is larger than the pool ({pool_size} items)")
+        planned = self.planned_labels()
+        if planned > pool_size:
+            fits = max((pool_size - self.initial) // self.query_size, 0)
+            raise ConfigError(
+                f"the plan needs {planned} items (--initial {self.initial} + --rounds {self.rounds} x --query-size "
+                f"{self.query_size}) but the pool has {pool_size}; use --rounds {fits} or a smaller --query-size")
+
+    def plan_note(self, pool_size: int) -> str | None:
+        """The annotator's version of `check_plan`: a pool that grows may fill the plan later, so the
+        last rounds shrink (said once, at start) instead of refusing to start."""
+        planned = self.planned_labels()
+        if planned <= pool_size:
+            return None
+        return (f"the plan needs {planned} items (--initial {self.initial} + --rounds {self.rounds} x "
+                f"--query-size {self.query_size}) but the pool has {pool_size}: the last batch will be smaller, "
+                f"and labeling ends when the pool is exhausted")
+
     def train_config(self) -> TrainConfig:
         overrides = {"lr": self.lr, "augment": self.augment, "warm_start": self.warm_start or None}
         if self.epochs is not None:

@@ -25,16 +25,19 @@ Layout: state.py (what the app holds), connection.py (the per-request database h
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flask import Flask
 
 from al_engine.config import RunConfig
-from al_engine.data import Dataset, load_dataset
+from al_engine.data import Dataset, describe_skipped, load_dataset
 from al_engine.engine import Engine
 from al_engine.errors import UserError
 
 from . import admin, api, auth, connection, errors, pages, review
+from oracle.human import ItemIds
+
 from .db import LABEL_MODELS, AnnotationDB, AnnotatorDBError
 from .state import AnnotatorState
 from .worker import EngineDriver, EngineWorker
@@ -44,10 +47,58 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_settings(config: RunConfig, dataset: Dataset) -> dict:
     """What ties a database to one run: the same pool, the same item ids."""
-    return {"dataset": config.dataset, "data_dir": config.data_dir, "subset": config.subset,
+    return {"dataset": config.dataset, "data_dir": config.data_dir, "data_root": dataset.data_root,
+            "subset": config.subset,
             "classes": dataset.classes, "class_option": config.classes, "image_size": config.image_size, "seed": config.seed,
             "pool_size": int(dataset.train_images.shape[0]), "strategy": config.strategy,
             "query_size": config.query_size, "initial": config.initial, "rounds": config.rounds}
+
+
+@dataclass
+class FolderReport:
+    """What a start found in the data folder, said once in the log and shown on the dashboard."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files: (name, reason)
+    added: list[str] = field(default_factory=list)  # files that joined the pool since the last start
+    vanished: list[str] = field(default_factory=list)  # files the database knows that are gone
+    plan: str | None = None  # the plan asks for more items than the pool holds
+
+    def lines(self) -> list[str]:
+        said = [describe_skipped(self.skipped)] if self.skipped else []
+        if self.added:
+            said.append(f"{len(self.added)} new file(s) joined the pool: {', '.join(self.added[:3])}"
+                        + (" ..." if len(self.added) > 3 else ""))
+        if self.vanished:
+            said.append(f"{len(self.vanished)} file(s) the database knows are gone from the folder (their answers "
+                        f"are kept, they leave the batches): {', '.join(self.vanished[:3])}"
+                        + (" ..." if len(self.vanished) > 3 else ""))
+        if self.plan:
+            said.append(self.plan)
+        return said
+
+
+def load_pool(config: RunConfig, database: str) -> Dataset:
+    """The run's dataset; an image folder is listed with the files the database knows first, in their
+    order, so that a folder that grew keeps its earlier items' pool positions (the pixel cache appends)."""
+    options = config.load_options()
+    if Path(database).is_file():
+        known = AnnotationDB(database)
+        try:
+            options.file_order = known.known_files() or None
+        finally:
+            known.close()
+    return load_dataset(config.dataset, options)
+
+
+def item_ids_for(db: AnnotationDB, dataset: Dataset) -> tuple[ItemIds, FolderReport]:
+    """Stable item ids for the pool (an image folder's manifest, reconciled with the folder now)."""
+    pool_size = int(dataset.train_images.shape[0])
+    report = FolderReport(skipped=list(dataset.skipped))
+    if dataset.file_names is None:
+        return ItemIds(pool_size), report
+    changes = db.reconcile_files(list(dataset.file_names))
+    report.added, report.vanished = changes.added, changes.vanished
+    return ItemIds(pool_size, changes.item_ids), report
 
 
 SECURITY_HEADERS = {
@@ -70,8 +121,8 @@ def create_app(config: dict | None = None) -> Flask:
         raise UserError("create_app needs a DATABASE path")
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
     run_config = settings.get("RUN_CONFIG") or RunConfig()
-    dataset = settings.get("DATASET") or load_dataset(run_config.dataset, run_config.load_options())
     database = str(settings["DATABASE"])
+    dataset = settings.get("DATASET") or load_pool(run_config, database)
 
     overlap = settings.get("OVERLAP", 1)
     label_model = settings.get("LABEL_MODEL", "majority")
@@ -82,6 +133,12 @@ def create_app(config: dict | None = None) -> Flask:
     setup_db = AnnotationDB(database)  # creates/migrates the schema once
     try:
         stored = setup_db.bind_run(run_settings(run_config, dataset))
+        try:
+            ids, changes = item_ids_for(setup_db, dataset)
+            changes.plan = run_config.plan_note(int(dataset.train_images.shape[0]))
+        except Exception:
+            setup_db.unbind_run()  # a failed first start leaves the database free for the corrected command
+            raise
         if stored.get("strategy") not in (None, run_config.strategy):
             if not settings.get("ALLOW_STRATEGY_CHANGE"):
                 raise AnnotatorDBError(
@@ -110,11 +167,22 @@ def create_app(config: dict | None = None) -> Flask:
     app.add_url_rule("/favicon.ico", "favicon", lambda: app.send_static_file("favicon.svg"))
 
     grace = settings.get("CLOSE_GRACE_S", 5.0 if settings.get("START_ENGINE") else 0.0)
-    driver = EngineDriver(Engine(run_config, dataset=dataset), database, close_grace_s=float(grace))
+    driver = None
+    try:
+        driver = EngineDriver(Engine(run_config, dataset=dataset), database, ids=ids, close_grace_s=float(grace))
+        if driver.db.current_round() is None:
+            driver.step()  # post the first (random) batch now: the first image is available at once
+    except Exception:
+        if driver is not None:
+            driver.close()
+        unbind = AnnotationDB(database)
+        try:
+            unbind.unbind_run()  # nothing was posted: the corrected command must not be refused
+        finally:
+            unbind.close()
+        raise
     state = AnnotatorState(database=database, run_config=run_config, dataset=dataset, driver=driver,
-                           instructions=settings.get("INSTRUCTIONS") or "")
-    if driver.db.current_round() is None:
-        driver.step()  # post the first (random) batch now: the first image is available at once
+                           ids=ids, folder=changes, instructions=settings.get("INSTRUCTIONS") or "")
     if settings.get("START_ENGINE"):
         state.worker = EngineWorker(driver)
         state.worker.start()

@@ -1,4 +1,4 @@
-"""The annotator's commands: `python app.py` (serve), `app.py export`, `app.py users`."""
+"""The annotator's commands: `python app.py` (serve), `app.py export`, `app.py import`, `app.py users`."""
 from __future__ import annotations
 
 import logging
@@ -60,7 +60,7 @@ def read_instructions(path: str | None) -> str:
 def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: str | None = None,
           db_path: str = "annotations.db", team: dict | None = None) -> int:
     """Start the annotator with the engine in a background worker; runs until interrupted."""
-    from . import create_app
+    from . import create_app, load_pool
 
     if token is not None and not token.strip():
         raise UserError("--token must not be empty")
@@ -72,7 +72,7 @@ def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: s
     except OSError as error:
         raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port or --host") from None
     started = time.perf_counter()
-    dataset = load_dataset(config.dataset, config.load_options())
+    dataset = load_pool(config, db_path)  # a project that grows: known files keep their positions
     app = create_app({"DATABASE": db_path, "RUN_CONFIG": config, "DATASET": dataset, "ADMIN_TOKEN": token,
                       "START_ENGINE": True, **(team or {})})
     try:
@@ -84,6 +84,8 @@ def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: s
     try:  # from here on, Ctrl-C stops the worker and exits 0
         print(f"annotator: {dataset.name}, {dataset.train_images.shape[0]} items, {len(dataset.classes)} classes, "
               f"strategy {config.strategy}, database {db_path} (ready in {time.perf_counter() - started:.1f} s)")
+        for line in app.extensions["annotator"].folder.lines():  # said once per start
+            print(f"annotator: {line}")
         print(f"annotator: sign in at {sign_in_url(host, port, token)}", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
@@ -116,7 +118,7 @@ def export_command(args) -> int:
     settings = db.run_settings() or {}
     db.close()
     dataset = None
-    if settings:
+    if settings and settings.get("data_root") is None:  # an image folder's originals need no loading
         run = RunConfig(dataset=settings["dataset"], data_dir=settings.get("data_dir"), subset=settings.get("subset"),
                         classes=settings.get("class_option"), image_size=settings.get("image_size", 32),
                         seed=settings.get("seed", 0))
@@ -124,8 +126,33 @@ def export_command(args) -> int:
             dataset = load_dataset(run.dataset, run.load_options())
         except DatasetError as error:
             print(f"export: the dataset cannot be loaded ({error}); copying original files only", file=sys.stderr)
-    count = write_imagefolder(db_path, out, dataset=dataset, data_dir=settings.get("data_dir"))
+    # the folder as the server resolved it: not the --data-dir text, read from another working directory
+    count = write_imagefolder(db_path, out, dataset=dataset, data_dir=settings.get("data_root") or settings.get("data_dir"))
     print(f"exported {count} labeled images to {out}/<class>/")
+    return 0
+
+
+def import_command(args) -> int:
+    """`app.py import FILE --db DB`: labels one already has, as answers of the `import` annotator."""
+    from .imports import read_import
+
+    db = AnnotationDB(_existing_db(args.db))
+    try:
+        classes = (db.run_settings() or {}).get("classes") or []
+        plan = read_import(Path(args.source), classes, db.file_ids())
+        if not plan.labels:
+            shown = ", ".join(plan.unmatched[:3])
+            raise UserError(f"none of the {len(plan.unmatched)} file(s) in {args.source!r} is in the project"
+                            + (f" (e.g. {shown})" if shown else ""))
+        count = db.import_labels(plan.labels)
+    finally:
+        db.close()
+    print(f"imported {count} labels into {args.db} (annotator 'import'; used from the next training on)")
+    if plan.repeated:
+        print(f"import: {plan.repeated} row(s) named a file already given; the last one counts")
+    if plan.unmatched:
+        print(f"import: {len(plan.unmatched)} file(s) are not in the project and were left out: "
+              f"{', '.join(plan.unmatched[:3])}" + (" ..." if len(plan.unmatched) > 3 else ""), file=sys.stderr)
     return 0
 
 

@@ -6,7 +6,7 @@ Leases commit without the fsync: losing one only hands the item out again. Write
 (an answer against an open round, closing a round, leasing items) run in `BEGIN IMMEDIATE`
 transactions, so concurrent requests and the engine worker serialise instead of racing.
 
-Tables (schema version 4; MIGRATIONS below bring older files up to date):
+Tables (schema version 6; MIGRATIONS below bring older files up to date):
   meta         key/value: schema version, the run's settings, the session secret, `finished`, `overlap`
   users        annotators and admins; only a SHA-256 of each token is stored
   rounds       one row per batch: state labeling -> closed -> trained, and the metrics of the
@@ -20,6 +20,8 @@ Tables (schema version 4; MIGRATIONS below bring older files up to date):
                which decides the item's training label)
   answer_history  every answer as it was before a replacement, correction or undo
   leases       which annotator holds which item (kind "label" or "check"), until when (unix seconds)
+  files        the data folder's manifest (image folders): one stable item id per file name, so a
+               folder that grows (or loses files) keeps every answer on its picture
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import sqlite_utils
 
 from al_engine.errors import UserError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 SKIP = -1  # the label an answer carries when the annotator skipped the item
 LEASE_SECONDS = 100  # an item stays with one annotator this long unless answered or renewed by a heartbeat
 # (the page renews every 30 s while its tab is open, so a closed tab's items come free within 2 minutes)
@@ -50,6 +52,8 @@ MAX_HELD = 24  # the most items one annotator may hold at once (grid mode shows 
 LABEL_MODELS = ("majority", "dawid-skene")
 ROLES = ("annotator", "admin")
 OWNER = "owner"  # the built-in admin whose token is printed at start-up
+IMPORT_USER = "import"  # the annotator that labels imported with `app.py import` are recorded under
+RUN_IDENTITY = ("dataset", "subset", "seed")  # settings that must match for a database to go on
 BUSY_TIMEOUT_S = 10.0  # seconds a connection waits for another process's lock before giving up
 
 
@@ -63,6 +67,16 @@ class NotFound(LookupError):
 
 class Conflict(RuntimeError):
     """The request contradicts the round's state (e.g. answering a batch that has closed)."""
+
+
+@dataclass
+class FileChanges:
+    """What `reconcile_files` found on start: each file's item id, and how the folder changed."""
+
+    item_ids: list[int]  # per pool position, the file's stable item id
+    added: list[str]  # new files, given the next ids
+    vanished: list[str]  # files the database knows that the folder no longer has
+    returned: list[str]  # files that had vanished and are back
 
 
 @dataclass
@@ -143,7 +157,7 @@ def _migrate_to_2(db: sqlite_utils.Database) -> None:
 
 
 def _reserved(db: sqlite_utils.Database) -> None:
-    pass  # reserved: reliability's migration
+    """A version number taken by work on another branch; nothing to do on this one."""
 
 
 def _migrate_to_4(db: sqlite_utils.Database) -> None:
@@ -168,7 +182,19 @@ def _migrate_to_4(db: sqlite_utils.Database) -> None:
         db["leases"].create_index(["annotator_id"])
 
 
-MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2, 3: _reserved, 4: _migrate_to_4}
+def _migrate_to_6(db: sqlite_utils.Database) -> None:
+    # The manifest of an image folder: item ids follow file names, not positions in a sorted listing.
+    if "files" not in db.table_names():
+        db["files"].create({"id": int, "name": str, "added": float, "vanished": float}, pk="id",
+                           not_null={"name"})
+        db["files"].create_index(["name"], unique=True)
+
+
+MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2,
+              3: _reserved,  # reserved: reliability's migration
+              4: _migrate_to_4,
+              5: _reserved,  # reserved: cold-start's migration
+              6: _migrate_to_6}
 
 
 class AnnotationDB:
@@ -264,19 +290,47 @@ class AnnotationDB:
         return secret
 
     def bind_run(self, settings: dict) -> dict:
-        """Store the run's settings on first use; refuse a database that belongs to another run."""
+        """Store the run's settings on first use; refuse a database that belongs to another run.
+
+        An image folder is identified by its resolved path (`data_root`), and its files by name in the
+        `files` manifest (`reconcile_files`), so the folder may grow or lose files; other datasets by
+        their pool size. Classes may be added at the end; removing or reordering them is refused.
+        Returns the stored settings, updated with what may change (classes, pool size)."""
         with self.transaction():
             stored = self.get_meta("run")
             if stored is None:
                 self._set_meta("run", json.dumps(settings, sort_keys=True))
                 return settings
-        previous = json.loads(stored)
-        keys = ("dataset", "data_dir", "subset", "classes", "image_size", "seed", "pool_size")
-        differing = [k for k in keys if previous.get(k) != settings.get(k)]
-        if differing:
-            raise AnnotatorDBError(f"database {self.path!r} belongs to another run (its {', '.join(differing)} "
-                                   f"differ); choose another --db")
-        return previous
+            previous = json.loads(stored)
+            differing = [k for k in RUN_IDENTITY if previous.get(k) != settings.get(k)]
+            if settings.get("data_root") is not None and previous.get("data_root") is not None:
+                if previous["data_root"] != settings["data_root"]:
+                    differing.append(f"data folder ({previous['data_root']})")
+            elif previous.get("data_dir") != settings.get("data_dir"):  # written before data_root was kept
+                differing.append("data_dir")
+            if settings.get("data_root") is None and previous.get("pool_size") != settings.get("pool_size"):
+                differing.append("pool_size")
+            if differing:
+                raise AnnotatorDBError(f"database {self.path!r} belongs to another run (its {', '.join(differing)} "
+                                       f"differ); choose another --db")
+            old_classes, new_classes = list(previous.get("classes") or []), list(settings.get("classes") or [])
+            if new_classes[:len(old_classes)] != old_classes:
+                raise AnnotatorDBError(
+                    f"database {self.path!r} has the classes {','.join(old_classes)}: classes may be added at the "
+                    f"end (--classes {','.join(old_classes)},NEW), never removed or reordered")
+            merged = {**previous, **{k: settings[k] for k in ("classes", "class_option", "pool_size", "data_root")
+                                     if k in settings}}
+            if merged != previous:
+                self._set_meta("run", json.dumps(merged, sort_keys=True))
+            return merged
+
+    def unbind_run(self) -> None:
+        """Forget the run's settings and manifest while no batch was ever posted (a failed first start),
+        so that the corrected command is not refused as "another run"."""
+        with self.transaction():
+            if self.db.execute("select count(*) from rounds").fetchone()[0] == 0:
+                self.db.execute("delete from meta where key = 'run'")
+                self.db.execute("delete from files")
 
     def set_run_setting(self, key: str, value) -> None:
         """Change one stored setting of the run (a strategy change the user asked for)."""
@@ -309,8 +363,8 @@ class AnnotationDB:
             raise UserError("a user name must be 1 to 64 printable characters")
         if role not in ROLES:
             raise UserError(f"unknown role {role!r}; choose from: {', '.join(ROLES)}")
-        if name == OWNER:
-            raise UserError(f"the name {OWNER!r} is reserved for the start-up token")
+        if name in (OWNER, IMPORT_USER):
+            raise UserError(f"the name {name!r} is reserved (start-up token, imported labels)")
         token = secrets.token_urlsafe(24)
         with self.transaction():
             if self.db.execute("select 1 from users where name = ?", [name]).fetchone():
@@ -749,6 +803,106 @@ class AnnotationDB:
     def answers_of(self, item_id: int) -> list[dict]:
         return list(self.db.query("select a.*, u.name as annotator from answers a join users u "
                                   "on u.id = a.annotator_id where a.item_id = ? order by a.id", [item_id]))
+
+    # ---------------------------------------------------------------------------------------- files
+
+    def known_files(self) -> list[str]:
+        """The manifest's file names in item-id order (vanished ones included): the order a restart
+        loads the folder in, so earlier items keep their pool positions."""
+        return [row[0] for row in self.db.execute("select name from files order by id")]
+
+    def reconcile_files(self, names: list[str]) -> "FileChanges":
+        """Give each of the folder's files (`names`, in pool order) its stable item id: known names keep
+        theirs, new names get the next ids. Files the manifest knows but the folder lacks are marked
+        vanished; their answers stay, and unanswered ones leave the open batch.
+
+        A database written before the manifest existed used the pool position as the id: its items'
+        stored file names must still sit at those positions, else the folder changed and it is refused."""
+        now = _now()
+        with self.transaction():
+            known = {name: item_id for item_id, name in self.db.execute("select id, name from files")}
+            if not known:
+                legacy = self.db.execute("select id, file_name from items where file_name is not null").fetchall()
+                moved = [(i, n) for i, n in legacy if i >= len(names) or names[i] != n]
+                if moved:
+                    item_id, name = moved[0]
+                    raise AnnotatorDBError(
+                        f"database {self.path!r} was written by an older version whose item {item_id} is {name!r}, "
+                        f"but the folder has changed since ({len(moved)} item(s) moved); start once with the folder "
+                        f"as it was, or choose another --db")
+                self.db.conn.executemany("insert into files(id, name, added) values (?, ?, ?)",
+                                    [(i, name, now) for i, name in enumerate(names)])
+                return FileChanges(item_ids=list(range(len(names))), added=[], vanished=[], returned=[])
+            present = set(names)
+            answered = self.db.execute("select count(*) from answers").fetchone()[0]
+            if answered and not present & known.keys():
+                raise AnnotatorDBError(f"none of the {len(known)} files of database {self.path!r} is in the data "
+                                       f"folder; is it the right folder? (or choose another --db)")
+            next_id = max(known.values()) + 1
+            item_ids, added = [], []
+            for name in names:
+                if name not in known:
+                    known[name] = next_id
+                    added.append((next_id, name, now))
+                    next_id += 1
+                item_ids.append(known[name])
+            self.db.conn.executemany("insert into files(id, name, added) values (?, ?, ?)", added)
+            was_vanished = {row[0] for row in self.db.execute("select name from files where vanished is not null")}
+            vanished = sorted(name for name in known if name not in present)
+            returned = sorted(was_vanished & present)
+            self.db.conn.executemany("update files set vanished = null where name = ?", [(n,) for n in returned])
+            self.db.conn.executemany("update files set vanished = coalesce(vanished, ?) where name = ?",
+                                [(now, n) for n in vanished])
+            self._drop_vanished_from_open_batch([known[n] for n in vanished])
+        return FileChanges(item_ids=item_ids, added=[name for _, name, _ in added], vanished=vanished,
+                           returned=returned)
+
+    def _drop_vanished_from_open_batch(self, item_ids: list[int]) -> None:
+        """An open batch cannot wait for pictures that are gone: their unanswered items leave it."""
+        current = self.current_round()
+        if current is None or current["state"] != "labeling" or not item_ids:
+            return
+        for item_id in item_ids:
+            self.db.execute("delete from batch_items where round = ? and item_id = ? and not exists "
+                            "(select 1 from answers a where a.item_id = ? and a.round = ?)",
+                            [current["round"], item_id, item_id, current["round"]])
+            self.db.execute("delete from leases where item_id = ?", [item_id])
+        size = self.db.execute("select count(*) from batch_items where round = ?", [current["round"]]).fetchone()[0]
+        self.db.execute("update rounds set query_size = ? where round = ?", [size, current["round"]])
+
+    def vanished_files(self) -> list[str]:
+        return [row[0] for row in self.db.execute("select name from files where vanished is not null order by name")]
+
+    def file_ids(self) -> dict[str, int]:
+        return {name: item_id for item_id, name in self.db.execute("select id, name from files")}
+
+    def import_labels(self, labels: list[tuple[int, int]]) -> int:
+        """Record (item id, class index) pairs as answers of the `import` annotator, in the current round:
+        they count as labeled from the next training on, appear in exports and are never queried.
+        Importing an item again replaces its imported label. Returns how many were recorded."""
+        now = _now()
+        with self.transaction():
+            current = self.current_round()
+            if current is None:
+                raise AnnotatorDBError(f"database {self.path!r} has no round yet: start the annotator on it once "
+                                       f"before importing")
+            row = self.db.execute("select id from users where name = ?", [IMPORT_USER]).fetchone()
+            if row is None:
+                user_id = self.db.execute("insert into users(name, role, token_hash, created) values (?, 'annotator', "
+                                          "null, ?)", [IMPORT_USER, now]).lastrowid
+            else:
+                user_id = row[0]
+            names = dict(self.db.execute("select id, name from files"))
+            round_index = current["round"]
+            for item_id, label in labels:
+                self.db.execute("insert into items(id, file_name) values (?, ?) on conflict(id) do nothing",
+                                [item_id, names.get(item_id)])
+                self.db.execute(
+                    "insert into answers(item_id, annotator_id, round, label, time_taken_ms, created, updated, "
+                    "strategy) values (?, ?, ?, ?, null, ?, ?, 'import') on conflict(item_id, annotator_id, round) "
+                    "do update set label = excluded.label, updated = excluded.updated",
+                    [item_id, user_id, round_index, label, now, now])
+        return len(labels)
 
     # ---------------------------------------------------------------------------------------- export
 

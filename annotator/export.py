@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -93,6 +94,7 @@ def write_imagefolder(db_path: str, out: Path, dataset=None, data_dir: str | Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     db = AnnotationDB(db_path, setup=False)
     count = 0
+    missing: list[str] = []
     try:
         classes = (db.run_settings() or {}).get("classes", [])
         folders = {}
@@ -107,6 +109,9 @@ def write_imagefolder(db_path: str, out: Path, dataset=None, data_dir: str | Non
             source = _source_file(data_dir, row["file_name"])
             if source is not None:
                 shutil.copyfile(source, target_dir / f"{row['item']}_{_safe_folder_name(source.name)}")
+            elif row["file_name"] is not None and dataset is None:  # an image folder's file that vanished
+                missing.append(row["file_name"])
+                continue
             elif dataset is not None:
                 (target_dir / f"{row['item']}.png").write_bytes(upscaled_png(dataset.train_images[row["item"]], display_side=0))
             else:
@@ -116,6 +121,9 @@ def write_imagefolder(db_path: str, out: Path, dataset=None, data_dir: str | Non
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+        if missing:
+            print(f"export: {len(missing)} labeled file(s) are gone from the data folder and were left out: "
+                  f"{', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""), file=sys.stderr)
     except BaseException:
         db.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -145,7 +145,8 @@ def dashboard_context() -> dict:
     return {"status": status, "class_counts": classes, "rounds": rounds, "curve": learning_curve(rounds),
             "agreement": db.agreement(state.classes), "overlap": db.overlap(), "label_model": db.label_model(),
             "has_test_split": state.dataset.test_images is not None,
-            "poll": poll_delay(status["engine"], status["finished"]), "run": state.run_config}
+            "poll": poll_delay(status["engine"], status["finished"]), "run": state.run_config,
+            "folder": state.folder}
 
 
 @bp.get("/dashboard")

@@ -8,6 +8,8 @@ from flask import current_app
 from al_engine.config import RunConfig
 from al_engine.data import Dataset
 
+from oracle.human import ItemIds
+
 from .images import PictureCache
 from .worker import EngineDriver, EngineWorker
 
@@ -23,6 +25,14 @@ class AnnotatorState:
     worker: EngineWorker | None = None  # the background thread when START_ENGINE
     pictures: PictureCache = field(default_factory=PictureCache)  # item id -> the encoded picture shown
     instructions: str = ""  # the project's guidelines for annotators (Markdown), from --instructions
+    ids: ItemIds | None = None  # pool position <-> stable item id (None: the same number)
+    folder: object = None  # annotator.FolderReport of the start: unreadable, new and vanished files
+
+    def pool_index(self, item_id: int) -> int | None:
+        """The pool position of an item id, or None when its file is not in the pool."""
+        if self.ids is None:
+            return item_id if 0 <= item_id < int(self.dataset.train_images.shape[0]) else None
+        return self.ids.pool_index(item_id)
 
     @property
     def images(self) -> Dataset:

@@ -23,7 +23,7 @@ from al_engine import seeding
 from al_engine.engine import Engine
 from al_engine.seeding import Stream
 from al_engine.strategies import picks_available
-from oracle.human import HumanOracle
+from oracle.human import HumanOracle, ItemIds
 
 from .db import AnnotationDB
 
@@ -74,11 +74,12 @@ class EngineDriver:
     """Advances the run one step at a time from what the database says; `step` is synchronous so tests
     can drive it, and `EngineWorker` calls it from a background thread."""
 
-    def __init__(self, engine: Engine, db_path: str, status: EngineStatus | None = None, close_grace_s: float = 0.0):
+    def __init__(self, engine: Engine, db_path: str, status: EngineStatus | None = None,
+                 ids: ItemIds | None = None, close_grace_s: float = 0.0):
         self.engine = engine
         self.close_grace_s = close_grace_s  # seconds a complete batch stays open for an undo of its last answer
         self.db = AnnotationDB(db_path)  # this thread's own connection
-        self.oracle = HumanOracle(self.db, engine.dataset)
+        self.oracle = HumanOracle(self.db, engine.dataset, ids)
         self.status = status or EngineStatus()
         self.engine.on_epoch_end = self._on_epoch_end
         self.stop_requested = threading.Event()
@@ -134,7 +135,7 @@ class EngineDriver:
         round (strategy state, warm-start weights), and the pool as the database's answers say."""
         stored = self.db.get_meta("engine_state")
         state = json.loads(stored) if stored is not None else {}
-        items, labels, rounds = self.db.training_answers(round_index)
+        items, labels, rounds = self.oracle.pool_answers(*self.db.training_answers(round_index))
         state["pool"] = {"size": self.engine.pool.size, "indices": items, "labels": labels, "rounds": rounds}
         self.engine.load_state_dict(state)
 
