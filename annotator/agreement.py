@@ -115,7 +115,7 @@ def agreement_report(answers: dict[int, dict[str, int]], classes: list[str]) -> 
     for first, second in combinations(names, 2):
         shared = [(item[first], item[second]) for item in answers.values() if first in item and second in item]
         kappa = cohen_kappa(shared, num_classes)
-        pairs.append({"annotators": [first, second], "items": len(shared), "cohen_kappa": kappa,
+        pairs.append({"annotators": [first, second], "shared_items": len(shared), "cohen_kappa": kappa,
                       "agreement": (sum(a == b for a, b in shared) / len(shared)) if shared else None})
     confusion = np.zeros((num_classes, num_classes), dtype=int)
     with_majority = defaultdict(lambda: [0, 0])
@@ -131,9 +131,9 @@ def agreement_report(answers: dict[int, dict[str, int]], classes: list[str]) -> 
             with_majority[name][1] += 1
             with_majority[name][0] += int(label in winners and len(winners) == 1)
     return {
-        "annotators": names, "items": len(answers), "items_with_several_answers": len(multi),
+        "annotators": names, "labeled_items": len(answers), "items_with_several_answers": len(multi),
         "fleiss_kappa": fleiss_kappa([list(item.values()) for item in answers.values()], num_classes),
         "pairs": pairs, "classes": classes, "confusion": confusion.tolist(),
-        "with_majority": {name: {"items": total, "agree": agree, "share": agree / total if total else None}
+        "with_majority": {name: {"answered": total, "agree": agree, "share": agree / total if total else None}
                           for name, (agree, total) in sorted(with_majority.items())},
     }

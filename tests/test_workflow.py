@@ -278,7 +278,7 @@ def test_overlap_two_with_three_annotators(make):
 
 
 def test_agreement_figures_match_hand_computed_kappas(make):
-    app = make(RUN_CONFIG=config(initial=6))
+    app = make(RUN_CONFIG=config(initial=7))
     client = app.test_client()
     items = batch(app)
     labels = {"A": [0, 0, 1, 1, 0, 1], "B": [0, 1, 1, 1, 0, 0], "C": [0, 0, 1, 0, 0, 1]}
@@ -286,7 +286,11 @@ def test_agreement_figures_match_hand_computed_kappas(make):
         headers, _ = user(app, name)
         for item, label in zip(items, answers):
             assert client.post("/api/annotations", json={"item_id": item, "label": label}, headers=headers).status_code == 201
+    loner, _ = user(app, "D")  # shares no item with anyone: in no kappa, and the dashboard still renders
+    client.post("/api/annotations", json={"item_id": items[6], "label": 4}, headers=loner)
     report = client.get("/api/agreement", headers=ADMIN).get_json()
+    assert report["labeled_items"] == 7 and report["items_with_several_answers"] == 6
+    assert {tuple(p["annotators"]): p["shared_items"] for p in report["pairs"]}[("A", "D")] == 0
     pairs = {tuple(p["annotators"]): p for p in report["pairs"]}
     # By hand: A-B agree on 4 of 6, both answer 0 half the time: (4/6 - 1/2) / (1 - 1/2) = 1/3.
     assert pairs[("A", "B")]["cohen_kappa"] == pytest.approx(1 / 3)
