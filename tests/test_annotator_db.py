@@ -140,18 +140,20 @@ def test_training_uses_the_latest_answer_per_item(tmp_path, digits):
     assert len(db.answers_of(item)) == 2  # but both annotators' answers are kept
 
 
-def test_answers_for_unknown_items_and_closed_rounds_are_refused(tmp_path, digits):
+def test_answers_for_unknown_items_are_refused_and_closed_rounds_corrected(tmp_path, digits):
     path = tmp_path / "a.db"
     make_app(path, digits)
     db = AnnotationDB(path)
     user = db.user_for_token(TOKEN).id
     with pytest.raises(NotFound):
         db.record_answer(user, 10**6, 1)
-    for item in db.lease_tasks(user, 10):
-        db.record_answer(user, item, 1)
+    while items := db.lease_tasks(user, 10):
+        for item in items:
+            db.record_answer(user, item, 1)
     assert db.close_round_if_complete(0)
-    with pytest.raises(Conflict):
-        db.record_answer(user, item, 2)
+    with pytest.raises(Conflict):  # a closed round's item is corrected with a class, never skipped
+        db.record_answer(user, item, -1)
+    assert db.record_answer(user, item, 2) == "corrected"
     with pytest.raises(Conflict):
         db.create_round(0, [1], [0.0], "random", 0)
 
@@ -218,8 +220,9 @@ def test_the_driver_posts_rounds_with_the_strategy_and_model_version(tmp_path, d
     first = driver.db.current_round()
     assert first["round"] == 0 and first["query_size"] == 6 and first["strategy"] == "random"  # no model yet
     owner = driver.db.user_for_token(TOKEN).id
-    for item in driver.db.lease_tasks(owner, 6):
-        driver.db.record_answer(owner, item, int(digits.train_labels[item]))
+    while items := driver.db.lease_tasks(owner, 6):  # lease_cap: 4 at a time
+        for item in items:
+            driver.db.record_answer(owner, item, int(digits.train_labels[item]))
     driver.run_until_idle()
     batch = list(driver.db.db.query("select strategy, model_version, score from batch_items where round = 1"))
     assert len(batch) == 6 and {b["strategy"] for b in batch} == {"entropy"} and {b["model_version"] for b in batch} == {1}
