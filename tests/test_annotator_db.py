@@ -232,7 +232,8 @@ def test_the_driver_posts_rounds_with_the_strategy_and_model_version(tmp_path, d
 
 def test_the_latest_answer_is_the_last_one_given_even_when_the_clock_steps_back(tmp_path, digits, monkeypatch):
     """Two annotators answer one item; between the answers the clock is stepped back an hour (NTP, a
-    person). Training and the export must take the second answer, which the wall clock calls older."""
+    person). The image-folder export's "latest answer" must be the second one, which the wall clock calls
+    older; the training label's tie-break (the first answer) must not move with the clock either."""
     from annotator import db as annotator_db
 
     make_app(tmp_path / "c.db", digits)
@@ -244,13 +245,11 @@ def test_the_latest_answer_is_the_last_one_given_even_when_the_clock_steps_back(
     db.record_answer(first, item, 1)
     clock[0] -= 3600
     db.record_answer(second, item, 2)
-    assert db.training_answers(0)[1] == [2]
-    assert db.class_counts() == {2: 1}
-    latest = list(db.iter_export(digits.classes, latest_only=True))
-    assert [row["label_index"] for row in latest] == [2]
-    clock[0] -= 3600  # the first annotator corrects their answer later still, on an even earlier clock
+    assert [row["label_index"] for row in db.iter_export(digits.classes, latest_only=True)] == [2]
+    assert db.training_answers(0)[1] == [1]  # a tie of two votes: the first given, by insertion order
+    clock[0] -= 3600  # the first annotator changes their answer later still, on an even earlier clock
     assert db.record_answer(first, item, 3) == "replaced"
-    assert db.training_answers(0)[1] == [3]
+    assert [row["label_index"] for row in db.iter_export(digits.classes, latest_only=True)] == [3]
     db.close()
 
 
@@ -263,8 +262,8 @@ def test_migration_3_orders_existing_answers_as_the_clock_did(tmp_path, digits):
     items = [row[0] for row in db.db.execute("select item_id from batch_items where round = 0 order by position")]
     db.record_answer(owner, items[0], 4)
     db.record_answer(other, items[0], 5)
-    db.db.execute("update answers set updated = 10 where annotator_id = ?", [other])  # other's was earlier
-    db.db.execute("update answers set updated = 20 where annotator_id = ?", [owner])
+    db.db.execute("update answers set updated = 20 where annotator_id = ?", [owner])  # the owner's was later
+    db.db.execute("update answers set updated = 10 where annotator_id = ?", [other])
     db.db.execute("drop index idx_answers_seq")
     db.db.execute("alter table answers drop column seq")
     db.db.execute("drop table sessions")
@@ -273,7 +272,8 @@ def test_migration_3_orders_existing_answers_as_the_clock_did(tmp_path, digits):
     db.close()
     migrated = AnnotationDB(tmp_path / "m.db")
     assert migrated.schema_version() == SCHEMA_VERSION
-    assert migrated.training_answers(0)[1] == [4]
+    # the owner's answer was the later by the clock (and the earlier by id): it stays the latest
+    assert [row["label_index"] for row in migrated.iter_export(digits.classes, latest_only=True)] == [4]
     assert "sessions" in migrated.db.table_names() and "removed" in migrated.db["users"].columns_dict
     migrated.close()
 
