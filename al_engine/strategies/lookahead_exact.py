@@ -2,7 +2,7 @@
 
 Every function here returns, for each candidate, the mean over the evaluation items of
 ||S'_feat(u) - C_feat(u)||^2, where S' is the student after `steps` SGD steps on that candidate
-alone with loss ||S_feat(x) - C_feat(x)||^2. The student is always in eval mode, so batch-norm
+alone with loss ||S_feat(x) - C_feat(x)||^2. The student is scored in eval mode, so batch-norm
 statistics never mix candidates. Lower distance = a better lesson.
 """
 from __future__ import annotations
