@@ -279,3 +279,16 @@ def test_stratified_picks_alternate_between_strata_in_score_order(state, round_,
 def test_bad_issue16_options_are_one_config_error(options, message):
     with pytest.raises(ConfigError, match=message):
         get_strategy("lookahead", **options)
+
+
+def test_an_ensemble_is_handed_to_other_ranks_whole(state):
+    """A sharded query: rank 0 distils all K students, another rank adopts them and scores the same."""
+    rank0 = get_strategy("lookahead", mode="exact", last_layer=True, students=2, **TINY)
+    shared = rank0.shared_round_state(state)
+    assert isinstance(shared, list) and len(shared) == 2
+    other = get_strategy("lookahead", mode="exact", last_layer=True, students=2, **TINY)
+    other.adopt_round_state(state, shared)
+    candidates = rank0.round_state(state).candidates[:5]
+    assert np.allclose(other.score_candidates(state, candidates), rank0.score_candidates(state, candidates))
+    with pytest.raises(RuntimeError, match="rank 0 distilled"):
+        get_strategy("lookahead", mode="exact", last_layer=True, students=3, **TINY).adopt_round_state(state, shared)
