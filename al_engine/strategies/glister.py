@@ -73,7 +73,10 @@ def pseudo_label_error(logits: torch.Tensor) -> torch.Tensor:
 
 
 def evaluation_gradient(weight: torch.Tensor, eval_inputs: torch.Tensor, eval_labels: torch.Tensor) -> torch.Tensor:
-    """(C, D + 1) gradient of mean_u CE(W~ h~_u, y_u) in W~ (pseudo-labels `eval_labels` fixed)."""
+    """(C, D + 1) gradient of mean_u CE(W~ h~_u, y_u) in W~ (pseudo-labels `eval_labels` fixed); zero
+    when there is no evaluation item (a pool of one unlabeled item: nothing to judge a lesson on)."""
+    if len(eval_inputs) == 0:
+        return torch.zeros_like(weight)
     probs = (eval_inputs @ weight.T).softmax(1)
     error = probs - torch.nn.functional.one_hot(eval_labels, weight.shape[0]).to(probs.dtype)
     return error.T @ eval_inputs / len(eval_inputs)
