@@ -134,8 +134,8 @@ def run_seed(seed: int, out: Path, train_seeds: int, only: list[str] | None, dev
 
     path = out / f"seed{seed}.jsonl"
     done = {line["candidate"] for line in read_lines(path)}
-    todo = [name for name in ["baseline", *CANDIDATES] if name not in done and (only is None or name in only
-                                                                               or name == "baseline")]
+    order = ["baseline", *(CANDIDATES if only is None else only)]  # --only runs in the order given
+    todo = [name for name in order if name not in done]
     if not todo:
         return
     start = time.perf_counter()
@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder of the run files (seed{S}.jsonl)")
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds")
     parser.add_argument("--train-seeds", type=int, default=2, help="retrainings per batch")
-    parser.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated candidate names, run in this order (default: all, in CANDIDATES order)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--summary", action="store_true", help="print the table from the files and stop")
     args = parser.parse_args(argv)
