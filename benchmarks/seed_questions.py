@@ -217,6 +217,8 @@ def summary(out: Path) -> dict:
     entropies: dict[str, list[float]] = {}
     costs: dict[str, list[float]] = {}
     correlations = {}
+    per_line: list[list[float]] = []
+    per_batch: dict[tuple[int, str], list[float]] = {}
     for path in sorted(out.glob("seed*.jsonl")):
         seed = int(path.stem[4:])
         lines = [line for line in read_lines(path) if line["candidate"] != "baseline"]
@@ -224,6 +226,8 @@ def summary(out: Path) -> dict:
         saved = dict(np.load(scores_path)) if scores_path.exists() else {}
         for line in lines:
             per_candidate.setdefault(line["candidate"], []).extend(line["gain"])
+            per_line.append(line["gain"])
+            per_batch[(seed, line["candidate"])] = line["gain"]
             entropies.setdefault(line["candidate"], []).append(line["class_entropy"])
             costs.setdefault(line["candidate"], []).append(line["pick_s"] + line["retrain_s"])
             if "ensemble" in saved:
@@ -238,18 +242,56 @@ def summary(out: Path) -> dict:
                 np.array([line["score_default"] for line in lookahead_only]),
                 np.array([np.mean(line["gain"]) for line in lookahead_only]))
             correlations[f"seed{seed}"] = entry
-    random_gains = [g for name, values in per_candidate.items() if name.startswith("random-") for g in values]
+    # The retraining noise, pooled over every batch's training seeds (each batch alone has only 2):
+    # the interval of a batch's mean gain is t(df) * pooled sd / sqrt(its retrainings).
+    from scipy import stats
+
+    batch_gains = [line_gains for line_gains in per_line if len(line_gains) > 1]
+    df = sum(len(g) - 1 for g in batch_gains)
+    pooled_sd = math.sqrt(sum(((np.asarray(g) - np.mean(g)) ** 2).sum() for g in batch_gains) / df) if df else math.nan
+    t = float(stats.t.ppf(0.975, df)) if df else math.nan
     table = {}
     for name, values in per_candidate.items():
-        mean, low, high = mean_interval(values)
-        table[name] = {"gain_mean": round(mean, 4), "gain_ci95": [round(low, 4), round(high, 4)], "n": len(values),
-                       "class_entropy": round(float(np.mean(entropies[name])), 3),
+        mean = float(np.mean(values))
+        half = t * pooled_sd / math.sqrt(len(values))
+        table[name] = {"gain_mean": round(mean, 4), "gain_ci95": [round(mean - half, 4), round(mean + half, 4)],
+                       "n": len(values), "class_entropy": round(float(np.mean(entropies[name])), 3),
                        "seconds_per_candidate": round(float(np.mean(costs[name])), 1)}
-    if random_gains:
-        mean, low, high = mean_interval(random_gains)
+    random_batches = [float(np.mean(g)) for name, g in per_batch.items() if name[1].startswith("random-")]
+    if random_batches:
+        mean, low, high = mean_interval(random_batches)
         table["random (all batches)"] = {"gain_mean": round(mean, 4), "gain_ci95": [round(low, 4), round(high, 4)],
-                                         "n": len(random_gains)}
-    return {"gains": table, "spearman_score_vs_gain": correlations}
+                                         "n": len(random_batches), "sd_between_batches": round(
+                                             float(np.std(random_batches, ddof=1)), 4) if len(random_batches) > 1
+                                         else None}
+    return {"gains": table, "spearman_score_vs_gain": correlations,
+            "retraining_noise": {"pooled_sd_of_one_gain": round(pooled_sd, 4), "df": df}}
+
+
+def markdown(result: dict, out: Path) -> str:
+    """The gains table and the correlations, as on docs/results/seed-questions.md."""
+    scores: dict[str, list[float]] = {}
+    seeds: dict[str, list[int]] = {}
+    for path in sorted(out.glob("seed*.jsonl")):
+        for line in read_lines(path):
+            if line["candidate"] != "baseline":
+                scores.setdefault(line["candidate"], []).append(line["score_default"])
+                seeds.setdefault(line["candidate"], []).append(line["seed"])
+    rows = ["| batch | seeds | retrainings | accuracy gain, mean [95% interval] | class entropy | "
+            "default lookahead distance of the batch | seconds (pick + 2 retrainings) |", "|---|---|---:|---|---:|---:|---:|"]
+    names = [n for n in CANDIDATES if n in result["gains"] and not n.startswith("random-")]
+    names += ["random (all batches)"] + [n for n in CANDIDATES if n.startswith("random-") and n in result["gains"]]
+    for name in names:
+        row = result["gains"].get(name)
+        if row is None:
+            continue
+        low, high = row["gain_ci95"]
+        interval = "" if math.isnan(low) else f" [{low:+.4f}, {high:+.4f}]"
+        seed_list = ",".join(str(s) for s in sorted(set(seeds.get(name, [])))) or "all"
+        distance = f"{np.mean(scores[name]):.2f}" if name in scores else ""
+        rows.append(f"| {name} | {seed_list} | {row['n']} | {row['gain_mean']:+.4f}{interval} | "
+                    f"{row.get('class_entropy', '')} | {distance} | {row.get('seconds_per_candidate', '')} |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,9 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated candidate names, run in this order (default: all, in CANDIDATES order)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--summary", action="store_true", help="print the table from the files and stop")
+    parser.add_argument("--markdown", action="store_true", help="with --summary: the table as markdown")
     args = parser.parse_args(argv)
     if args.summary:
-        print(json.dumps(summary(args.out), indent=1))
+        result = summary(args.out)
+        print(markdown(result, args.out) if args.markdown else json.dumps(result, indent=1))
         return 0
     only = args.only.split(",") if args.only else None
     unknown = sorted(set(only or []) - set(CANDIDATES))
