@@ -50,7 +50,10 @@ class Engine:
         self.round = -1  # the last round trained (-1: none yet)
         self.on_epoch_end = on_epoch_end
         self.query_hook = query_hook
-        if self.mode == "project":
+        if self.mode == "project" and config.weights:
+            backbones.load_project_network(config.model, config.weights, self.dataset.image_shape,
+                                           self.dataset.num_classes)  # fail early if the file does not fit
+        elif self.mode == "project":
             try:  # fail before any work if the model cannot take these images
                 build_model(config.model, self.dataset.image_shape, self.dataset.num_classes, config.embed_dim)
             except ValueError as error:
@@ -62,6 +65,8 @@ class Engine:
             return f"head on frozen {self.config.model} features"
         if self.mode == "finetune":
             return f"{self.config.model} (fine-tuned)"
+        if self.config.weights:
+            return f"{self.config.model} (fine-tuned from {self.config.weights})"
         return default_model_name(self.dataset.image_shape) if self.config.model == "auto" else self.config.model
 
     def new_model(self) -> FeatureClassifier:
@@ -70,6 +75,9 @@ class Engine:
         if self.mode == "finetune":
             backbone = backbones.build_backbone(self.config.model, self.config.weights, self.dataset.image_shape[-1])
             model = backbones.build_finetune_model(backbone, self.dataset.num_classes, self.config.embed_dim)
+        elif self.mode == "project" and self.config.weights:  # a project network fine-tuned from a weights file
+            model = backbones.load_project_network(self.config.model, self.config.weights,
+                                                   self.dataset.image_shape, self.dataset.num_classes)
         else:
             name = "head" if self.mode == "frozen" else self.config.model
             model = build_model(name, self.dataset.image_shape, self.dataset.num_classes, self.config.embed_dim)
@@ -148,6 +156,9 @@ def model_dataset(config: RunConfig, dataset: Dataset, device: torch.device, pro
     mode = backbones.model_mode(config.model, config.weights, config.finetune)
     if mode == "project" or dataset.is_features:
         return dataset
+    if backbones.project_weights_file(config.model, config.weights):  # frozen: a project network's embed()
+        backbone = backbones.build_project_backbone(config.model, config.weights, dataset)
+        return backbones.build_feature_dataset(dataset, backbone, config.cache_dir, device, progress=progress)
     backbone = backbones.build_backbone(config.model, config.weights, dataset.image_shape[-1], progress=progress)
     if mode == "finetune":
         return backbones.finetune_dataset(dataset, backbone)
