@@ -92,9 +92,19 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune", action="store_true", help="torchvision model: train the whole network")
     parser.add_argument("--embed-dim", type=int, default=None,
                         help="width of the penultimate feature (default: 50; 256 for a torchvision model's head)")
-    parser.add_argument("--initial", type=int, default=100, help="size of the random initial labeled set")
+    parser.add_argument("--initial", type=int, default=100, help="size of the initial labeled set")
+    parser.add_argument("--initial-strategy", default="random", choices=["random", "typiclust"],
+                        help="how the initial set is chosen without a model: seeded random (default), or typiclust: "
+                             "the most typical item of each k-means cluster of the backbone's features (--weights), "
+                             "else of the pixels")
     parser.add_argument("--query-size", type=int, default=100, help="items per queried batch")
+    parser.add_argument("--query-sizes", type=int_list, metavar="A,B,C",
+                        help="simulated runs and bench: a batch size per round (e.g. 10,30,50,100,300 takes 10 initial "
+                             "labels to 20, 50, 100, 200, 500); sets --rounds to its length")
     parser.add_argument("--rounds", type=int, default=10, help="number of queried batches")
+    parser.add_argument("--audit-fraction", type=float, default=0.0, metavar="F",
+                        help="share of each batch drawn uniformly at random from the unlabeled pool and marked: their "
+                             "answers estimate the model's accuracy without a test set (95%% Wilson interval)")
     parser.add_argument("--train-preset", default="saturate", choices=sorted(TRAIN_PRESETS), metavar="NAME",
                         help=f"one of {', '.join(sorted(TRAIN_PRESETS))}")
     parser.add_argument("--epochs", type=int, help="cap on training epochs (overrides the preset)")
