@@ -6,6 +6,7 @@
     python app.py pretrain --dataset D --model M --out weights.pt   self-supervised weights (SimCLR)
     python app.py export --format csv|jsonl|imagefolder --out PATH
     python app.py users add NAME [--role annotator|admin]
+    python app.py users remove NAME
     python app.py strategies
 
 Every flag is declared once here and is named after the setting it fills (`--query-size` fills
@@ -18,7 +19,7 @@ import argparse
 import dataclasses
 import sys
 
-SUBCOMMANDS = ("bench", "export", "pretrain", "strategies", "users")
+SUBCOMMANDS = ("bench", "export", "import", "pretrain", "strategies", "users")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -132,6 +133,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--token", help="sign-in token (default: a random one, printed at start)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="request threads of the server (default: twice the CPU cores, 4 to 8)")
 
 
 def run_config_from_args(args: argparse.Namespace, **overrides):
@@ -147,7 +150,9 @@ def run_config_from_args(args: argparse.Namespace, **overrides):
             if values.get(key) is None:
                 values[key] = value
     values.update(overrides)
-    return RunConfig(**values)
+    config = RunConfig(**values)
+    config.validate()  # before any data loads: a bad value is one line now, not a traceback later
+    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +191,7 @@ def command_run(argv: list[str]) -> int:
         return 0
     from annotator.cli import serve
 
-    return serve(config, host=args.host, port=args.port, token=args.token, db_path=args.db)
+    return serve(config, host=args.host, port=args.port, token=args.token, db_path=args.db, threads=args.threads)
 
 
 def command_strategies(argv: list[str]) -> int:
@@ -335,6 +340,16 @@ def command_export(argv: list[str]) -> int:
     return export_command(parser.parse_args(argv))
 
 
+def command_import(argv: list[str]) -> int:
+    from annotator.cli import import_command
+
+    parser = OneLineParser(prog="app.py import", description="Import labels one already has into a project: "
+                           "a CSV with the columns file,label, or a class-per-folder tree.")
+    parser.add_argument("source", metavar="FILE", help="labels.csv (file,label) or a folder of class folders")
+    add_db_argument(parser)
+    return import_command(parser.parse_args(argv))
+
+
 def command_users(argv: list[str]) -> int:
     from annotator.cli import users_command
 
@@ -344,8 +359,10 @@ def command_users(argv: list[str]) -> int:
     add = sub.add_parser("add", help="add an annotator and print their token")
     add.add_argument("name")
     add.add_argument("--role", default="annotator", choices=["annotator", "admin"])
+    remove = sub.add_parser("remove", help="revoke a user: their token and every session of theirs stop working")
+    remove.add_argument("name")
     listing = sub.add_parser("list", help="list annotators")
-    for subcommand in (add, listing):
+    for subcommand in (add, remove, listing):
         add_db_argument(subcommand, default=argparse.SUPPRESS)
     return users_command(parser.parse_args(argv))
 
@@ -354,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     from al_engine.errors import UserError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    handlers = {"bench": command_bench, "export": command_export, "pretrain": command_pretrain,
+    handlers = {"bench": command_bench, "export": command_export, "import": command_import,
+                "pretrain": command_pretrain,
                 "strategies": command_strategies, "users": command_users}
     try:
         if argv and argv[0] in handlers:

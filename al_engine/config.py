@@ -5,6 +5,7 @@ setting it fills have the same name; config.json records `asdict(config)` as the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from .data import LoadOptions
@@ -79,6 +80,40 @@ class RunConfig:
             raise ConfigError("--embed-dim must be at least 1")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError("--epochs must be at least 1")
+        if not 0 <= self.seed < 2**32:  # NumPy's seeds are unsigned 32-bit
+            raise ConfigError(f"--seed must lie in 0..{2**32 - 1}, got {self.seed}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive finite number, got {self.lr}")
+
+    def planned_labels(self) -> int:
+        """Items the plan asks for: the initial set and every round's batch."""
+        if self.query_sizes:
+            return self.initial + sum(self.query_sizes)
+        return self.initial + self.rounds * self.query_size
+
+    def check_plan(self, pool_size: int) -> None:
+        """Refuse a plan the pool cannot fill (a simulated run), instead of a surprise short batch."""
+        if self.initial > pool_size:
+            raise ConfigError(f"--initial {self.initial} is larger than the pool ({pool_size} items)")
+        planned = self.planned_labels()
+        if planned > pool_size and self.query_sizes:
+            raise ConfigError(f"the plan needs {planned} items (--initial {self.initial} + --query-sizes "
+                              f"{','.join(map(str, self.query_sizes))}) but the pool has {pool_size}")
+        if planned > pool_size:
+            fits = max((pool_size - self.initial) // self.query_size, 0)
+            raise ConfigError(
+                f"the plan needs {planned} items (--initial {self.initial} + --rounds {self.rounds} x --query-size "
+                f"{self.query_size}) but the pool has {pool_size}; use --rounds {fits} or a smaller --query-size")
+
+    def plan_note(self, pool_size: int) -> str | None:
+        """The annotator's version of `check_plan`: a pool that grows may fill the plan later, so the
+        last rounds shrink (said once, at start) instead of refusing to start."""
+        planned = self.planned_labels()
+        if planned <= pool_size:
+            return None
+        return (f"the plan needs {planned} items (--initial {self.initial} + --rounds {self.rounds} x "
+                f"--query-size {self.query_size}) but the pool has {pool_size}: the last batch will be smaller, "
+                f"and labeling ends when the pool is exhausted")
 
     def train_config(self) -> TrainConfig:
         overrides = {"lr": self.lr, "augment": self.augment, "warm_start": self.warm_start or None}

@@ -104,6 +104,8 @@ class Dataset:
             "image_shape": list(self.image_shape),
             "skipped": len(self.skipped),
         }
+        if self.skipped:  # which files, so a run's record says what it left out (the first 20)
+            summary["skipped_files"] = [{"file": name, "reason": reason} for name, reason in self.skipped[:20]]
         if self.kind == "features":  # hundreds of per-feature statistics: not worth a config line each
             summary["backbone"] = self.backbone
             summary["normalisation"] = "per-feature standardisation with the pool's mean and std"
@@ -158,6 +160,9 @@ class LoadOptions:
     strict: bool = False  # image folders: refuse unreadable files (DatasetError) instead of skipping them
     progress: bool = True  # tqdm progress bars while files are decoded
     workers: int | None = None  # decoding processes; None = min(4, CPUs) for large folders, 0 = none
+    file_order: list[str] | None = None  # image folders: names (relative to the folder) that keep their
+    # positions first, in this order; files not named follow, sorted (a project that grows: the pool's
+    # earlier items keep their indices and the pixel cache only appends)
 
 
 DATASETS: dict[str, Callable[[LoadOptions], Dataset]] = {}
@@ -462,6 +467,24 @@ def _image_files(folder: Path) -> list[str]:
                       and entry.is_file())
 
 
+def in_known_order(files: list[str], known: list[str] | None) -> list[int]:
+    """Positions of `files`: those named in `known` first, in its order, then the rest as given."""
+    if not known:
+        return list(range(len(files)))
+    rank = {name: position for position, name in enumerate(known)}
+    first = sorted((i for i, name in enumerate(files) if name in rank), key=lambda i: rank[files[i]])
+    return first + [i for i, name in enumerate(files) if name not in rank]
+
+
+def describe_skipped(skipped: list[tuple[str, str]], shown: int = 3) -> str | None:
+    """One line about unreadable files left out of the pool: their count and the first names."""
+    if not skipped:
+        return None
+    names = "; ".join(f"{name} ({reason})" for name, reason in skipped[:shown])
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"{len(skipped)} unreadable image file(s) skipped (--strict refuses them): {names}{more}"
+
+
 def _class_tree_files(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
     """Paths (relative to `folder`, "/"-separated) and labels of the images in each class folder."""
     files, labels = [], []
@@ -547,6 +570,8 @@ def load_image_folder(options: LoadOptions) -> Dataset:
         files, labels = _class_tree_files(root, subdirs)
         if not files:
             raise DatasetError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(root)!r}")
+        order = in_known_order(files, options.file_order)
+        files, labels = [files[i] for i in order], [labels[i] for i in order]
         train = _load_split(root, root, files, labels, options)
         return _folder_dataset(root, subdirs, train, None, _check_readable(root, [train], options.strict))
     # A flat folder of unlabeled images: real annotation work, the classes come from --classes.
@@ -557,6 +582,7 @@ def load_image_folder(options: LoadOptions) -> Dataset:
     files = _image_files(root)
     if not files:
         raise DatasetError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(root)!r}")
+    files = [files[i] for i in in_known_order(files, options.file_order)]
     train = _load_split(root, root, files, [-1] * len(files), options)
     return _folder_dataset(root, list(options.classes), train, None, _check_readable(root, [train], options.strict))
 

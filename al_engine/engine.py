@@ -221,7 +221,10 @@ class Engine:
             self.kappas = list(state["stability"]["kappas"])
         if "model" in state and self.train_config.warm_start:
             model = self.new_model()
-            model.load_state_dict(decode_tensors(state["model"]))
+            try:
+                model.load_state_dict(decode_tensors(state["model"]))
+            except RuntimeError:  # the shapes changed (a class was added): the next round starts fresh
+                return
             self.model = model.to(self.device)
 
     def describe(self) -> dict:

@@ -7,13 +7,14 @@ The annotator drives the same Engine from its background worker, with people as 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol
 
 import numpy as np
 
 from .config import RunConfig, default_settings
-from .data import Dataset
+from .data import Dataset, describe_skipped
 from .engine import Engine, QueryHook
 from .errors import ConfigError
 from .runfiles import RunFiles, json_safe, read_jsonl
@@ -57,6 +58,10 @@ def run_simulation(config: RunConfig, oracle_factory: Callable[[Dataset, RunConf
     engine = Engine(config, dataset=dataset, query_hook=query_hook)
     if not engine.dataset.has_ground_truth:
         raise ConfigError(f"dataset {config.dataset!r} has no ground-truth labels to simulate an oracle with")
+    config.check_plan(engine.pool.size)
+    skipped = describe_skipped(engine.images.skipped)
+    if skipped:
+        print(f"app.py: {skipped}", file=sys.stderr)
     oracle = oracle_factory(engine.dataset, config)
     files = RunFiles(config.out)
     start_round, saved = files.resume(asdict(config), config.rounds, default_settings())

@@ -19,16 +19,19 @@ Layout: state.py (what the app holds), connection.py (the per-request database h
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flask import Flask
 
 from al_engine.config import RunConfig
-from al_engine.data import Dataset, load_dataset
+from al_engine.data import Dataset, describe_skipped, load_dataset
 from al_engine.engine import Engine
 from al_engine.errors import UserError
 
 from . import admin, api, auth, connection, errors, pages
+from oracle.human import ItemIds
+
 from .db import AnnotationDB
 from .state import AnnotatorState
 from .worker import EngineDriver, EngineWorker
@@ -38,10 +41,58 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_settings(config: RunConfig, dataset: Dataset) -> dict:
     """What ties a database to one run: the same pool, the same item ids."""
-    return {"dataset": config.dataset, "data_dir": config.data_dir, "subset": config.subset,
+    return {"dataset": config.dataset, "data_dir": config.data_dir, "data_root": dataset.data_root,
+            "subset": config.subset,
             "classes": dataset.classes, "class_option": config.classes, "image_size": config.image_size, "seed": config.seed,
             "pool_size": int(dataset.train_images.shape[0]), "strategy": config.strategy,
             "query_size": config.query_size, "initial": config.initial, "rounds": config.rounds}
+
+
+@dataclass
+class FolderReport:
+    """What a start found in the data folder, said once in the log and shown on the dashboard."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files: (name, reason)
+    added: list[str] = field(default_factory=list)  # files that joined the pool since the last start
+    vanished: list[str] = field(default_factory=list)  # files the database knows that are gone
+    plan: str | None = None  # the plan asks for more items than the pool holds
+
+    def lines(self) -> list[str]:
+        said = [describe_skipped(self.skipped)] if self.skipped else []
+        if self.added:
+            said.append(f"{len(self.added)} new file(s) joined the pool: {', '.join(self.added[:3])}"
+                        + (" ..." if len(self.added) > 3 else ""))
+        if self.vanished:
+            said.append(f"{len(self.vanished)} file(s) the database knows are gone from the folder (their answers "
+                        f"are kept, they leave the batches): {', '.join(self.vanished[:3])}"
+                        + (" ..." if len(self.vanished) > 3 else ""))
+        if self.plan:
+            said.append(self.plan)
+        return said
+
+
+def load_pool(config: RunConfig, database: str) -> Dataset:
+    """The run's dataset; an image folder is listed with the files the database knows first, in their
+    order, so that a folder that grew keeps its earlier items' pool positions (the pixel cache appends)."""
+    options = config.load_options()
+    if Path(database).is_file():
+        known = AnnotationDB(database)
+        try:
+            options.file_order = known.known_files() or None
+        finally:
+            known.close()
+    return load_dataset(config.dataset, options)
+
+
+def item_ids_for(db: AnnotationDB, dataset: Dataset) -> tuple[ItemIds, FolderReport]:
+    """Stable item ids for the pool (an image folder's manifest, reconciled with the folder now)."""
+    pool_size = int(dataset.train_images.shape[0])
+    report = FolderReport(skipped=list(dataset.skipped))
+    if dataset.file_names is None:
+        return ItemIds(pool_size), report
+    changes = db.reconcile_files(list(dataset.file_names))
+    report.added, report.vanished = changes.added, changes.vanished
+    return ItemIds(pool_size, changes.item_ids), report
 
 
 SECURITY_HEADERS = {
@@ -64,12 +115,18 @@ def create_app(config: dict | None = None) -> Flask:
         raise UserError("create_app needs a DATABASE path")
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
     run_config = settings.get("RUN_CONFIG") or RunConfig()
-    dataset = settings.get("DATASET") or load_dataset(run_config.dataset, run_config.load_options())
     database = str(settings["DATABASE"])
+    dataset = settings.get("DATASET") or load_pool(run_config, database)
 
     setup_db = AnnotationDB(database)  # creates/migrates the schema once
     try:
         setup_db.bind_run(run_settings(run_config, dataset))
+        try:
+            ids, changes = item_ids_for(setup_db, dataset)
+            changes.plan = run_config.plan_note(int(dataset.train_images.shape[0]))
+        except Exception:
+            setup_db.unbind_run()  # a failed first start leaves the database free for the corrected command
+            raise
         admin_token = settings.get("ADMIN_TOKEN") or secrets.token_urlsafe(24)
         setup_db.ensure_owner(admin_token)
         secret_key = setup_db.secret_key()
@@ -87,10 +144,22 @@ def create_app(config: dict | None = None) -> Flask:
     )
     app.config.update({k: v for k, v in settings.items() if k.isupper() and k not in ("DATASET", "RUN_CONFIG")})
 
-    driver = EngineDriver(Engine(run_config, dataset=dataset), database)
-    state = AnnotatorState(database=database, run_config=run_config, dataset=dataset, driver=driver)
-    if driver.db.current_round() is None:
-        driver.step()  # post the first (random) batch now: the first image is available at once
+    driver = None
+    try:
+        driver = EngineDriver(Engine(run_config, dataset=dataset), database, ids=ids)
+        if driver.db.current_round() is None:
+            driver.step()  # post the first (random) batch now: the first image is available at once
+    except Exception:
+        if driver is not None:
+            driver.close()
+        unbind = AnnotationDB(database)
+        try:
+            unbind.unbind_run()  # nothing was posted: the corrected command must not be refused
+        finally:
+            unbind.close()
+        raise
+    state = AnnotatorState(database=database, run_config=run_config, dataset=dataset, driver=driver,
+                           ids=ids, folder=changes)
     if settings.get("START_ENGINE"):
         state.worker = EngineWorker(driver)
         state.worker.start()

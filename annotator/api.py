@@ -41,8 +41,9 @@ def status_payload() -> dict:
 
 def task_payload(item_id: int) -> dict:
     """An item to label: its id, where its picture is, and the file's name and size (pixels, upright)."""
+    state = annotator_state()
     return {"item_id": item_id, "image_url": url_for("api.item_image", item_id=item_id),
-            **picture_info(annotator_state().images, item_id)}
+            **picture_info(state.images, state.pool_index(item_id))}
 
 
 @bp.get("/status")
@@ -65,7 +66,8 @@ def next_task():
 def tasks():
     """Up to `count` items leased to this annotator: the page shows the first and preloads the rest."""
     count = request.args.get("count", "1")
-    if not count.isdigit() or not 1 <= int(count) <= MAX_TASKS:
+    # ASCII digits only: str.isdigit() also accepts '²' or '①', which int() then refuses
+    if not (count.isascii() and count.isdigit() and len(count) <= 3) or not 1 <= int(count) <= MAX_TASKS:
         abort(400, f"count must be an integer from 1 to {MAX_TASKS}")
     items = get_db().lease_tasks(current_user().id, int(count))
     return jsonify(tasks=[task_payload(item) for item in items], status=status_payload())
@@ -95,10 +97,13 @@ def parse_item_id(value) -> int:
     return value
 
 
-def check_in_pool(item_id: int) -> None:
-    """404 for an id past the pool's end (before it reaches SQLite, whose integers stop at 2**63)."""
-    if item_id >= annotator_state().dataset.train_images.shape[0]:
+def check_in_pool(item_id: int) -> int:
+    """The item's pool position; 404 for an id that is not in the pool (past its end, which also keeps
+    it from SQLite, whose integers stop at 2**63; or a file that has vanished from the folder)."""
+    position = annotator_state().pool_index(item_id)
+    if position is None:
         abort(404, f"item {item_id} is in no batch")
+    return position
 
 
 def json_body() -> dict:
@@ -162,10 +167,10 @@ def undo(item_id: int):
 def item_image(item_id: int):
     """The item's picture: the original file (upright, aspect kept) or a crisp upscale (benchmarks)."""
     state = annotator_state()
-    check_in_pool(item_id)
+    position = check_in_pool(item_id)
     if not get_db().item_in_batches(item_id):
         abort(404, f"item {item_id} is in no batch")
-    picture = cached_picture(state.pictures, state.images, item_id)
+    picture = cached_picture(state.pictures, state.images, item_id, position)
     response = Response(picture.data, mimetype=picture.mimetype)
     response.headers["Cache-Control"] = "private, max-age=86400"
     return response

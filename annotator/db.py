@@ -6,9 +6,12 @@ Leases commit without the fsync: losing one only hands the item out again. Write
 (an answer against an open round, closing a round, leasing items) run in `BEGIN IMMEDIATE`
 transactions, so concurrent requests and the engine worker serialise instead of racing.
 
-Tables (schema version 5; MIGRATIONS below bring older files up to date):
-  meta         key/value: schema version, the run's settings, the session secret, `finished`
-  users        annotators and admins; only a SHA-256 of each token is stored
+Tables (schema version 6; MIGRATIONS below bring older files up to date):
+  meta         key/value: schema version, the run's settings, the cookie-signing secret, `finished`,
+               `server` (the host and port the last server listened on, for the links `users add` prints)
+  users        annotators and admins; only a SHA-256 of each token is stored; `removed` once revoked
+  sessions     signed-in browsers: a SHA-256 of each session's random id (the cookie holds the id), so
+               neither the file nor the signing secret alone can make a session; sign-out deletes the row
   rounds       one row per batch: state labeling -> closed -> trained, and the metrics of the
                model trained once the batch was answered (the learning curve)
   items        every pool item that ever entered a batch (pool index, file name)
@@ -16,8 +19,11 @@ Tables (schema version 5; MIGRATIONS below bring older files up to date):
                model version that chose each; audit items (`--audit-fraction`, drawn uniformly at
                random) have strategy "audit", audit = 1 and `predicted`, the class the model that
                posted the batch predicted before anyone answered (the accuracy estimate's input)
-  answers      one row per (item, annotator, round); label -1 records a skip
+  answers      one row per (item, annotator, round); label -1 records a skip; `seq` orders them
+               (a counter, not the clock: a clock stepped back never makes an older answer the latest)
   leases       which annotator holds which item, until when (unix seconds)
+  files        the data folder's manifest (image folders): one stable item id per file name, so a
+               folder that grows (or loses files) keeps every answer on its picture
 """
 from __future__ import annotations
 
@@ -38,12 +44,17 @@ import sqlite_utils
 
 from al_engine.errors import UserError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SKIP = -1  # the label an answer carries when the annotator skipped the item
 LEASE_SECONDS = 600  # an item stays with one annotator this long (10 minutes) unless answered
 ROLES = ("annotator", "admin")
 OWNER = "owner"  # the built-in admin whose token is printed at start-up
+IMPORT_USER = "import"  # the annotator that labels imported with `app.py import` are recorded under
+RUN_IDENTITY = ("dataset", "subset", "seed")  # settings that must match for a database to go on
 BUSY_TIMEOUT_S = 10.0  # seconds a connection waits for another process's lock before giving up
+SESSION_SECONDS = 14 * 24 * 3600  # a browser's sign-in lasts two weeks at most (then: the link again)
+WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is cut back to once a checkpoint has emptied it
+FILE_MODE = 0o600  # the database (and its WAL, which SQLite creates with the same mode): the owner only
 
 
 class AnnotatorDBError(UserError):
@@ -56,6 +67,16 @@ class NotFound(LookupError):
 
 class Conflict(RuntimeError):
     """The request contradicts the round's state (e.g. answering a batch that has closed)."""
+
+
+@dataclass
+class FileChanges:
+    """What `reconcile_files` found on start: each file's item id, and how the folder changed."""
+
+    item_ids: list[int]  # per pool position, the file's stable item id
+    added: list[str]  # new files, given the next ids
+    vanished: list[str]  # files the database knows that the folder no longer has
+    returned: list[str]  # files that had vanished and are back
 
 
 @dataclass
@@ -98,6 +119,95 @@ def _write_lock(path: str) -> threading.Lock:
         return _WRITE_LOCKS.setdefault(key, threading.Lock())
 
 
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the database file, or None when it is gone: a file deleted or replaced under
+    a running server has another identity (or none), while open connections still see the old one."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def database_gone_message(path: str) -> str:
+    return (f"the database {path!r} was deleted or replaced while the server ran; nothing more can be stored. "
+            "Stop the server, put the database back, and start it again")
+
+
+def make_private(path: str) -> bool:
+    """Take the group's and others' read and write bits off the database and its WAL and shared-memory
+    files (a database made by an earlier version was 0644); True if any file changed."""
+    changed = False
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(OSError):
+            mode = os.stat(name).st_mode
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
+                changed = True
+    return changed
+
+
+class ServerLock:
+    """One server per database: an exclusive lock on `DB.lock`, held while the server runs and released by
+    the kernel when the process ends in any way (a SIGKILL included), so a stale lock never blocks a restart.
+    The file also records that a server ran on this database, so that a database deleted since is noticed
+    at the next start instead of being silently replaced by a new, empty run."""
+
+    def __init__(self, db_path: str):
+        self.path = db_path + ".lock"
+        self.db_path = db_path
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as error:
+            raise AnnotatorDBError(f"cannot create the lock file {self.path!r}: {error.strerror}") from None
+        try:
+            _lock_exclusive(self.fd)
+        except OSError:
+            record = self._read()
+            os.close(self.fd)
+            holder = f" (pid {record['pid']})" if isinstance(record.get("pid"), int) else ""
+            raise AnnotatorDBError(f"database {db_path!r} is in use by another server{holder}; stop it first, "
+                                   "or give this one another --db") from None
+        self.previous = self._read()
+
+    def _read(self) -> dict:
+        try:
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            return json.loads(os.read(self.fd, 4096) or b"{}")
+        except (OSError, ValueError):
+            return {}
+
+    def check_not_deleted(self) -> None:
+        """Refuse to start a new run where a server ran before and the database is now missing."""
+        if self.previous.get("served") and not os.path.exists(self.db_path):
+            raise AnnotatorDBError(
+                f"database {self.db_path!r} is missing, but a server ran on it before (see {self.path!r}): it was "
+                f"deleted or moved. Restore it, or delete {self.path!r} to start a new run under that name")
+
+    def mark_served(self, **details) -> None:
+        record = json.dumps({"pid": os.getpid(), "served": True, "started": _iso(_now()), **details}).encode()
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, record)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
+def _lock_exclusive(fd: int) -> None:
+    """A non-blocking exclusive lock on the whole file; OSError if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 # --------------------------------------------------------------------------------------------
 # Schema and migrations: MIGRATIONS[v] brings a database from version v-1 to v.
 
@@ -136,26 +246,68 @@ def _migrate_to_2(db: sqlite_utils.Database) -> None:
 
 
 def _reserved(db: sqlite_utils.Database) -> None:
-    pass
+    """A version number taken by work on another branch; nothing to do on this one."""
+
+
+def _migrate_to_6(db: sqlite_utils.Database) -> None:
+    # The manifest of an image folder: item ids follow file names, not positions in a sorted listing.
+    if "files" not in db.table_names():
+        db["files"].create({"id": int, "name": str, "added": float, "vanished": float}, pk="id",
+                           not_null={"name"})
+        db["files"].create_index(["name"], unique=True)
+
+
+def _migrate_to_3(db: sqlite_utils.Database) -> None:
+    # Reliability: server-side sessions (revocable; only a hash of the cookie's id is stored), revoked
+    # users, and a counter that orders answers instead of the wall clock. Idempotent.
+    if "sessions" not in db.table_names():
+        db["sessions"].create({"id_hash": str, "user_id": int, "created": float, "expires": float}, pk="id_hash",
+                              not_null={"user_id", "expires"}, foreign_keys=[("user_id", "users", "id")])
+        db["sessions"].create_index(["user_id"])
+    if "removed" not in db["users"].columns_dict:
+        db.execute("alter table users add column removed float")
+    if "seq" not in db["answers"].columns_dict:
+        db.execute("alter table answers add column seq integer")
+        db.execute("update answers set seq = (select count(*) from answers b where b.updated < answers.updated "
+                   "or (b.updated = answers.updated and b.id <= answers.id))")
+    db["answers"].create_index(["seq"], if_not_exists=True)
+
+
 
 
 def _migrate_to_5(db: sqlite_utils.Database) -> None:
-    # cold start: audit items and their predictions; the stopping signal per trained round.
-    batch_columns = {column.name for column in db["batch_items"].columns}
+    # Cold start: audit items and their predictions; the stopping signal per trained round. Idempotent.
+    batch_columns = db["batch_items"].columns_dict
     if "audit" not in batch_columns:
         db.execute("alter table batch_items add column audit integer not null default 0")
     if "predicted" not in batch_columns:
         db.execute("alter table batch_items add column predicted integer")
-    round_columns = {column.name for column in db["rounds"].columns}
+    round_columns = db["rounds"].columns_dict
     for name, kind in (("kappa", "real"), ("kappa_mean", "real"), ("stop", "integer")):
         if name not in round_columns:
             db.execute(f"alter table rounds add column {name} {kind}")
 
 
-MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2,
-              3: _reserved,  # reserved: reliability's migration
+MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3,
               4: _reserved,  # reserved: workflow's migration
-              5: _migrate_to_5}
+              5: _migrate_to_5,
+              6: _migrate_to_6}
+
+
+def _create_private(path: str) -> None:
+    """Create an empty database file readable by its owner only (SQLite would make it 0644 under the
+    usual umask, and its WAL inherits the mode); an existing file is left as it is."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+
+
+def _read_write_uri(path: str) -> str:
+    """A URI that opens an existing database and never creates one (a deleted file stays deleted)."""
+    from urllib.parse import quote
+
+    return "file:" + quote(os.path.abspath(path)) + "?mode=rw"
 
 
 class AnnotationDB:
@@ -163,17 +315,23 @@ class AnnotationDB:
 
     def __init__(self, path: str | Path, timeout: float | None = None, setup: bool = True):
         """`setup=False` skips WAL set-up and migrations: for per-request connections of an app
-        that already did both at start-up."""
+        that already did both at start-up; such a connection never creates the file (a database
+        deleted under a running server is an error, not a new empty database)."""
         self.path = str(path)
         try:
-            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S if timeout is None else timeout,
-                                         isolation_level=None,
-                                         check_same_thread=False)
+            if setup:
+                _create_private(self.path)
+            connection = sqlite3.connect(self.path if setup else _read_write_uri(self.path),
+                                         timeout=BUSY_TIMEOUT_S if timeout is None else timeout,
+                                         isolation_level=None, check_same_thread=False, uri=not setup)
             self.db = sqlite_utils.Database(connection)
             if setup:
                 self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # durable=True transactions raise it to FULL
             self.db.execute("PRAGMA foreign_keys=ON")
+            # A long export holds a read snapshot that keeps checkpoints from emptying the WAL, which then
+            # grows; once a checkpoint does empty it, the next commit cuts the file back to this size.
+            self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             if setup:
                 self.migrate()
         except sqlite3.DatabaseError as error:
@@ -242,7 +400,8 @@ class AnnotationDB:
             self._set_meta(key, value)
 
     def secret_key(self) -> str:
-        """The session-signing secret, made once and kept, so sign-ins survive a restart."""
+        """The cookie-signing secret, made once and kept, so sign-ins survive a restart. It alone makes
+        no session: a cookie must also carry a session id whose hash is in `sessions`."""
         with self.transaction():
             secret = self.get_meta("secret_key")
             if secret is None:
@@ -251,19 +410,58 @@ class AnnotationDB:
         return secret
 
     def bind_run(self, settings: dict) -> dict:
-        """Store the run's settings on first use; refuse a database that belongs to another run."""
+        """Store the run's settings on first use; refuse a database that belongs to another run.
+
+        An image folder is identified by its resolved path (`data_root`), and its files by name in the
+        `files` manifest (`reconcile_files`), so the folder may grow or lose files; other datasets by
+        their pool size. Classes may be added at the end; removing or reordering them is refused.
+        Returns the stored settings, updated with what may change (classes, pool size)."""
         with self.transaction():
             stored = self.get_meta("run")
             if stored is None:
                 self._set_meta("run", json.dumps(settings, sort_keys=True))
                 return settings
-        previous = json.loads(stored)
-        keys = ("dataset", "data_dir", "subset", "classes", "image_size", "seed", "pool_size")
-        differing = [k for k in keys if previous.get(k) != settings.get(k)]
-        if differing:
-            raise AnnotatorDBError(f"database {self.path!r} belongs to another run (its {', '.join(differing)} "
-                                   f"differ); choose another --db")
-        return previous
+            previous = json.loads(stored)
+            differing = [k for k in RUN_IDENTITY if previous.get(k) != settings.get(k)]
+            if settings.get("data_root") is not None and previous.get("data_root") is not None:
+                if previous["data_root"] != settings["data_root"]:
+                    differing.append(f"data folder ({previous['data_root']})")
+            elif previous.get("data_dir") != settings.get("data_dir"):  # written before data_root was kept
+                differing.append("data_dir")
+            if settings.get("data_root") is None and previous.get("pool_size") != settings.get("pool_size"):
+                differing.append("pool_size")
+            if differing:
+                raise AnnotatorDBError(f"database {self.path!r} belongs to another run (its {', '.join(differing)} "
+                                       f"differ); choose another --db")
+            old_classes, new_classes = list(previous.get("classes") or []), list(settings.get("classes") or [])
+            if new_classes[:len(old_classes)] != old_classes:
+                raise AnnotatorDBError(
+                    f"database {self.path!r} has the classes {','.join(old_classes)}: classes may be added at the "
+                    f"end (--classes {','.join(old_classes)},NEW), never removed or reordered")
+            merged = {**previous, **{k: settings[k] for k in ("classes", "class_option", "pool_size", "data_root")
+                                     if k in settings}}
+            if merged != previous:
+                self._set_meta("run", json.dumps(merged, sort_keys=True))
+            return merged
+
+    def unbind_run(self) -> None:
+        """Forget the run's settings and manifest while no batch was ever posted (a failed first start),
+        so that the corrected command is not refused as "another run"."""
+        with self.transaction():
+            if self.db.execute("select count(*) from rounds").fetchone()[0] == 0:
+                self.db.execute("delete from meta where key = 'run'")
+                self.db.execute("delete from files")
+
+    def record_server(self, host: str, port: int) -> None:
+        """Where the server listens, for the sign-in links that `app.py users add` prints."""
+        self.set_meta("server", json.dumps({"host": host, "port": port}))
+
+    def server_address(self) -> tuple[str, int] | None:
+        stored = self.get_meta("server")
+        if stored is None:
+            return None
+        address = json.loads(stored)
+        return address["host"], int(address["port"])
 
     def run_settings(self) -> dict | None:
         stored = self.get_meta("run")
@@ -278,8 +476,10 @@ class AnnotationDB:
             if row is None:
                 self.db.execute("insert into users(name, role, token_hash, created) values (?, 'admin', ?, ?)",
                                 [OWNER, hash_token(token), _now()])
-            else:
+            elif self.db.execute("select token_hash from users where id = ?", [row[0]]).fetchone()[0] \
+                    != hash_token(token):  # a new start-up token: the old one's sessions end with it
                 self.db.execute("update users set token_hash = ? where id = ?", [hash_token(token), row[0]])
+                self.db.execute("delete from sessions where user_id = ?", [row[0]])
         return self.user_for_token(token)
 
     def add_user(self, name: str, role: str = "annotator") -> str:
@@ -289,19 +489,38 @@ class AnnotationDB:
             raise UserError("a user name must be 1 to 64 printable characters")
         if role not in ROLES:
             raise UserError(f"unknown role {role!r}; choose from: {', '.join(ROLES)}")
-        if name == OWNER:
-            raise UserError(f"the name {OWNER!r} is reserved for the start-up token")
+        if name in (OWNER, IMPORT_USER):
+            raise UserError(f"the name {name!r} is reserved (start-up token, imported labels)")
         token = secrets.token_urlsafe(24)
         with self.transaction():
-            if self.db.execute("select 1 from users where name = ?", [name]).fetchone():
+            row = self.db.execute("select id, removed from users where name = ?", [name]).fetchone()
+            if row is not None and row[1] is None:
                 raise UserError(f"a user named {name!r} already exists")
-            self.db.execute("insert into users(name, role, token_hash, created) values (?, ?, ?, ?)",
-                            [name, role, hash_token(token), _now()])
+            if row is not None:  # a removed user comes back with a new token (their answers stay theirs)
+                self.db.execute("update users set role = ?, token_hash = ?, removed = null where id = ?",
+                                [role, hash_token(token), row[0]])
+            else:
+                self.db.execute("insert into users(name, role, token_hash, created) values (?, ?, ?, ?)",
+                                [name, role, hash_token(token), _now()])
         return token
 
+    def remove_user(self, name: str) -> int:
+        """Revoke a user: their token stops working and every session of theirs ends at once; their
+        answers are kept. Returns the number of sessions ended."""
+        if name == OWNER:
+            raise UserError(f"{OWNER!r} is the start-up token's user; restart the server with a new --token instead")
+        with self.transaction():
+            row = self.db.execute("select id from users where name = ? and removed is null", [name]).fetchone()
+            if row is None:
+                raise UserError(f"no user named {name!r}")
+            ended = self.db.execute("delete from sessions where user_id = ?", [row[0]]).rowcount
+            self.db.execute("update users set token_hash = null, removed = ? where id = ?", [_now(), row[0]])
+        return ended
+
     def list_users(self) -> list[dict]:
+        """Every user that was ever added (a removed one has `removed` set), with their answer count."""
         return list(self.db.query(
-            "select u.id, u.name, u.role, u.created, count(a.id) as answers from users u "
+            "select u.id, u.name, u.role, u.created, u.removed, count(a.id) as answers from users u "
             "left join answers a on a.annotator_id = u.id and a.label >= 0 group by u.id order by u.id"))
 
     def user_for_token(self, token: str) -> User | None:
@@ -318,8 +537,37 @@ class AnnotationDB:
         return User(*row)
 
     def user_by_id(self, user_id: int) -> User | None:
-        row = self.db.execute("select id, name, role, token_hash from users where id = ?", [user_id]).fetchone()
+        row = self.db.execute("select id, name, role, token_hash from users where id = ? and removed is null",
+                              [user_id]).fetchone()
         return User(*row) if row else None
+
+    # ---------------------------------------------------------------------------------------- sessions
+
+    def create_session(self, user_id: int, now: float | None = None) -> str:
+        """A new browser session of this user; returns its random id (for the cookie). Only its SHA-256
+        is stored, so the database file does not hold a usable session."""
+        now = _now() if now is None else now
+        session_id = secrets.token_urlsafe(32)
+        with self.transaction():
+            self.db.execute("delete from sessions where expires <= ?", [now])
+            self.db.execute("insert into sessions(id_hash, user_id, created, expires) values (?, ?, ?, ?)",
+                            [hash_token(session_id), user_id, now, now + SESSION_SECONDS])
+        return session_id
+
+    def user_for_session(self, session_id: str, now: float | None = None) -> User | None:
+        """The user of a live session id, or None (unknown, ended, expired, or the user was removed)."""
+        if not session_id:
+            return None
+        row = self.db.execute(
+            "select u.id, u.name, u.role, u.token_hash from sessions s join users u on u.id = s.user_id "
+            "where s.id_hash = ? and s.expires > ? and u.removed is null",
+            [hash_token(session_id), _now() if now is None else now]).fetchone()
+        return User(*row) if row else None
+
+    def end_session(self, session_id: str) -> None:
+        """Sign-out: the session is gone for every copy of its cookie."""
+        with self.transaction():
+            self.db.execute("delete from sessions where id_hash = ?", [hash_token(session_id)])
 
     # ---------------------------------------------------------------------------------------- rounds
 
@@ -399,7 +647,7 @@ class AnnotationDB:
         rows = self.db.execute(
             "select item_id, label, round from ("
             "  select item_id, label, round, row_number() over ("
-            "    partition by item_id order by updated desc, id desc) as latest"
+            "    partition by item_id order by seq desc) as latest"
             "  from answers where label >= 0 and round <= ?"
             ") where latest = 1 order by item_id", [up_to_round]).fetchall()
         return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
@@ -428,7 +676,7 @@ class AnnotationDB:
         rows = self.db.execute(
             "select b.round, b.predicted, ("
             "  select a.label from answers a where a.item_id = b.item_id and a.round = b.round and a.label >= 0"
-            "  order by a.updated desc, a.id desc limit 1) "
+            "  order by a.seq desc limit 1) "
             "from batch_items b where b.audit = 1 order by b.round, b.position").fetchall()
         labeled = {r["round"]: r["labeled"] for r in self.rounds()}
         estimates = []
@@ -455,7 +703,7 @@ class AnnotationDB:
         """Per class, how many items carry it as their latest non-skip answer."""
         rows = self.db.execute(
             "select label, count(*) from (select item_id, label, row_number() over ("
-            "  partition by item_id order by updated desc, id desc) as latest from answers where label >= 0"
+            "  partition by item_id order by seq desc) as latest from answers where label >= 0"
             ") where latest = 1 group by label").fetchall()
         return {label: count for label, count in rows}
 
@@ -502,6 +750,10 @@ class AnnotationDB:
         with self.transaction():
             return [self._record_answer(user_id, item_id, label, None, now) for item_id in item_ids]
 
+    # Answers are ordered by this counter (inside the write transaction, so it is strictly increasing),
+    # never by the clock, which NTP or a person may step back.
+    _NEXT_SEQ = "(select coalesce(max(seq), 0) + 1 from answers)"
+
     def _record_answer(self, user_id: int, item_id: int, label: int, time_taken_ms: int | None, now: float) -> str:
         """One answer, inside the caller's transaction."""
         batch = self.db.execute(
@@ -518,13 +770,13 @@ class AnnotationDB:
         if existing is not None and existing[1] == label:
             outcome = "unchanged"
         elif existing is not None:
-            self.db.execute("update answers set label = ?, time_taken_ms = ?, updated = ? where id = ?",
-                            [label, time_taken_ms, now, existing[0]])
+            self.db.execute(f"update answers set label = ?, time_taken_ms = ?, updated = ?, seq = {self._NEXT_SEQ} "
+                            "where id = ?", [label, time_taken_ms, now, existing[0]])
             outcome = "replaced"
         else:
             self.db.execute(
                 "insert into answers(item_id, annotator_id, round, label, time_taken_ms, created, updated, "
-                "strategy, score, model_version) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"strategy, score, model_version, seq) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {self._NEXT_SEQ})",
                 [item_id, user_id, round_index, label, time_taken_ms, now, now, strategy, score, model_version])
             outcome = "created"
         self.db.execute("delete from leases where item_id = ?", [item_id])
@@ -550,6 +802,107 @@ class AnnotationDB:
         return list(self.db.query("select a.*, u.name as annotator from answers a join users u "
                                   "on u.id = a.annotator_id where a.item_id = ? order by a.id", [item_id]))
 
+    # ---------------------------------------------------------------------------------------- files
+
+    def known_files(self) -> list[str]:
+        """The manifest's file names in item-id order (vanished ones included): the order a restart
+        loads the folder in, so earlier items keep their pool positions."""
+        return [row[0] for row in self.db.execute("select name from files order by id")]
+
+    def reconcile_files(self, names: list[str]) -> "FileChanges":
+        """Give each of the folder's files (`names`, in pool order) its stable item id: known names keep
+        theirs, new names get the next ids. Files the manifest knows but the folder lacks are marked
+        vanished; their answers stay, and unanswered ones leave the open batch.
+
+        A database written before the manifest existed used the pool position as the id: its items'
+        stored file names must still sit at those positions, else the folder changed and it is refused."""
+        now = _now()
+        with self.transaction():
+            known = {name: item_id for item_id, name in self.db.execute("select id, name from files")}
+            if not known:
+                legacy = self.db.execute("select id, file_name from items where file_name is not null").fetchall()
+                moved = [(i, n) for i, n in legacy if i >= len(names) or names[i] != n]
+                if moved:
+                    item_id, name = moved[0]
+                    raise AnnotatorDBError(
+                        f"database {self.path!r} was written by an older version whose item {item_id} is {name!r}, "
+                        f"but the folder has changed since ({len(moved)} item(s) moved); start once with the folder "
+                        f"as it was, or choose another --db")
+                self.db.conn.executemany("insert into files(id, name, added) values (?, ?, ?)",
+                                    [(i, name, now) for i, name in enumerate(names)])
+                return FileChanges(item_ids=list(range(len(names))), added=[], vanished=[], returned=[])
+            present = set(names)
+            answered = self.db.execute("select count(*) from answers").fetchone()[0]
+            if answered and not present & known.keys():
+                raise AnnotatorDBError(f"none of the {len(known)} files of database {self.path!r} is in the data "
+                                       f"folder; is it the right folder? (or choose another --db)")
+            next_id = max(known.values()) + 1
+            item_ids, added = [], []
+            for name in names:
+                if name not in known:
+                    known[name] = next_id
+                    added.append((next_id, name, now))
+                    next_id += 1
+                item_ids.append(known[name])
+            self.db.conn.executemany("insert into files(id, name, added) values (?, ?, ?)", added)
+            was_vanished = {row[0] for row in self.db.execute("select name from files where vanished is not null")}
+            vanished = sorted(name for name in known if name not in present)
+            returned = sorted(was_vanished & present)
+            self.db.conn.executemany("update files set vanished = null where name = ?", [(n,) for n in returned])
+            self.db.conn.executemany("update files set vanished = coalesce(vanished, ?) where name = ?",
+                                [(now, n) for n in vanished])
+            self._drop_vanished_from_open_batch([known[n] for n in vanished])
+        return FileChanges(item_ids=item_ids, added=[name for _, name, _ in added], vanished=vanished,
+                           returned=returned)
+
+    def _drop_vanished_from_open_batch(self, item_ids: list[int]) -> None:
+        """An open batch cannot wait for pictures that are gone: their unanswered items leave it."""
+        current = self.current_round()
+        if current is None or current["state"] != "labeling" or not item_ids:
+            return
+        for item_id in item_ids:
+            self.db.execute("delete from batch_items where round = ? and item_id = ? and not exists "
+                            "(select 1 from answers a where a.item_id = ? and a.round = ?)",
+                            [current["round"], item_id, item_id, current["round"]])
+            self.db.execute("delete from leases where item_id = ?", [item_id])
+        size = self.db.execute("select count(*) from batch_items where round = ?", [current["round"]]).fetchone()[0]
+        self.db.execute("update rounds set query_size = ? where round = ?", [size, current["round"]])
+
+    def vanished_files(self) -> list[str]:
+        return [row[0] for row in self.db.execute("select name from files where vanished is not null order by name")]
+
+    def file_ids(self) -> dict[str, int]:
+        return {name: item_id for item_id, name in self.db.execute("select id, name from files")}
+
+    def import_labels(self, labels: list[tuple[int, int]]) -> int:
+        """Record (item id, class index) pairs as answers of the `import` annotator, in the current round:
+        they count as labeled from the next training on, appear in exports and are never queried.
+        Importing an item again replaces its imported label. Returns how many were recorded."""
+        now = _now()
+        with self.transaction():
+            current = self.current_round()
+            if current is None:
+                raise AnnotatorDBError(f"database {self.path!r} has no round yet: start the annotator on it once "
+                                       f"before importing")
+            row = self.db.execute("select id from users where name = ?", [IMPORT_USER]).fetchone()
+            if row is None:
+                user_id = self.db.execute("insert into users(name, role, token_hash, created) values (?, 'annotator', "
+                                          "null, ?)", [IMPORT_USER, now]).lastrowid
+            else:
+                user_id = row[0]
+            names = dict(self.db.execute("select id, name from files"))
+            round_index = current["round"]
+            for item_id, label in labels:
+                self.db.execute("insert into items(id, file_name) values (?, ?) on conflict(id) do nothing",
+                                [item_id, names.get(item_id)])
+                self.db.execute(
+                    "insert into answers(item_id, annotator_id, round, label, time_taken_ms, created, updated, "
+                    f"strategy, seq) values (?, ?, ?, ?, null, ?, ?, 'import', {self._NEXT_SEQ}) "
+                    "on conflict(item_id, annotator_id, round) "
+                    f"do update set label = excluded.label, updated = excluded.updated, seq = {self._NEXT_SEQ}",
+                    [item_id, user_id, round_index, label, now, now])
+        return len(labels)
+
     # ---------------------------------------------------------------------------------------- export
 
     EXPORT_FIELDS = ("item", "pool_index", "file_name", "label", "label_index", "annotator", "time",
@@ -560,10 +913,10 @@ class AnnotationDB:
         from one read snapshot so that 100k answers never sit in memory at once."""
         where = "a.label >= 0"
         sql = ("select a.id, a.item_id, i.file_name, a.label, u.name, a.updated, a.time_taken_ms, a.round, "
-               "a.strategy, a.score, a.model_version from answers a join items i on i.id = a.item_id "
+               "a.strategy, a.score, a.model_version, a.seq from answers a join items i on i.id = a.item_id "
                f"join users u on u.id = a.annotator_id where {where}")
         if latest_only:
-            sql = (f"select * from (select *, row_number() over (partition by item_id order by updated desc, id desc)"
+            sql = (f"select * from (select *, row_number() over (partition by item_id order by seq desc)"
                    f" as latest from ({sql})) where latest = 1")
         cursor = self.db.conn.cursor()
         cursor.execute("BEGIN")  # one read snapshot for the whole stream
@@ -583,4 +936,8 @@ class AnnotationDB:
                     }
         finally:
             cursor.execute("COMMIT")
+            # The snapshot held the WAL back from checkpoints while it lasted: checkpoint now, without waiting
+            # for anyone, so that the next commit can restart the WAL and cut it back to WAL_SIZE_LIMIT.
+            with contextlib.suppress(sqlite3.Error):
+                cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
             cursor.close()

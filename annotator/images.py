@@ -120,18 +120,18 @@ def original_picture(path: Path, name: str | None = None) -> Picture:
     return Picture(_encode(picture, kind), f"image/{kind.lower()}", width, height, name)
 
 
-def file_of(images: Dataset, item_id: int) -> tuple[Path, str] | None:
-    """(path, name relative to the data folder) of an item's original file, or None (benchmarks)."""
+def file_of(images: Dataset, position: int) -> tuple[Path, str] | None:
+    """(path, name relative to the data folder) of a pool item's original file, or None (benchmarks)."""
     if images.file_names is None or images.data_root is None:
         return None
-    name = images.file_names[item_id]
+    name = images.file_names[position]
     return Path(images.data_root) / name, name
 
 
-def item_picture(images: Dataset, item_id: int) -> Picture:
-    """What the browser shows for pool item `item_id` (see the module docstring)."""
-    found = file_of(images, item_id)
-    pixels = images.train_images[item_id]
+def item_picture(images: Dataset, position: int) -> Picture:
+    """What the browser shows for the pool item at `position` (see the module docstring)."""
+    found = file_of(images, position)
+    pixels = images.train_images[position]
     if found is not None:
         path, name = found
         try:
@@ -143,20 +143,23 @@ def item_picture(images: Dataset, item_id: int) -> Picture:
     return Picture(upscaled_png(pixels), "image/png", width, height, None)
 
 
-def cached_picture(cache: PictureCache, images: Dataset, item_id: int) -> Picture:
-    """`item_picture` through the cache (encoded outside any lock)."""
+def cached_picture(cache: PictureCache, images: Dataset, item_id: int, position: int | None = None) -> Picture:
+    """`item_picture` of the item (at pool `position`, default the id itself) through the cache, keyed by
+    the item id (encoded outside any lock)."""
     picture = cache.get(item_id)
     if picture is None:
-        picture = item_picture(images, item_id)
+        picture = item_picture(images, item_id if position is None else position)
         cache.put(item_id, picture)
     return picture
 
 
-def picture_info(images: Dataset, item_id: int) -> dict:
-    """{"name", "width", "height"} of an item without decoding it (the file's header only)."""
-    found = file_of(images, item_id)
+def picture_info(images: Dataset, position: int | None) -> dict:
+    """{"name", "width", "height"} of a pool item without decoding it (the file's header only)."""
+    if position is None:  # not in the pool (its file vanished)
+        return {"name": None, "width": None, "height": None}
+    found = file_of(images, position)
     if found is None:
-        pixels = images.train_images[item_id]
+        pixels = images.train_images[position]
         return {"name": None, "width": int(pixels.shape[-1]), "height": int(pixels.shape[-2])}
     path, name = found
     try:

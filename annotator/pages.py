@@ -1,12 +1,12 @@
 """The labeling page, grid mode and the dashboard (full pages, or htmx partials on HX-Request)."""
 from __future__ import annotations
 
-from flask import Blueprint, abort, redirect, render_template, request, url_for
+from flask import Blueprint, render_template, request
 
 from .connection import get_db
 from .state import annotator_state
 from .api import status_payload
-from .auth import current_user, require_user, sign_in
+from .auth import current_user, require_user, sign_in_page
 
 bp = Blueprint("pages", __name__)
 
@@ -24,9 +24,7 @@ def class_buttons() -> list[dict]:
 def index():
     token = request.args.get("token")
     if token is not None:
-        if sign_in(token) is None:
-            abort(401, "this sign-in link is not valid (the server prints a new one at each start)")
-        return redirect(url_for("pages.index"))  # drop the token from the address bar and history
+        return sign_in_page(token)
     return label_page()
 
 
@@ -95,7 +93,8 @@ def dashboard_context() -> dict:
     return {"status": status, "class_counts": classes, "rounds": rounds, "curve": learning_curve(curve_rounds),
             "has_test_split": has_test_split, "audit": {e["round"]: e for e in audit},
             "curve_is_audit": not has_test_split and bool(audit), "stopping": stopping,
-            "poll": poll_delay(status["engine"], status["finished"]), "run": state.run_config}
+            "poll": poll_delay(status["engine"], status["finished"]), "run": state.run_config,
+            "folder": state.folder}
 
 
 @bp.get("/dashboard")

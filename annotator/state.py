@@ -7,7 +7,9 @@ from flask import current_app
 
 from al_engine.config import RunConfig
 from al_engine.data import Dataset
+from oracle.human import ItemIds
 
+from .db import AnnotatorDBError, database_gone_message, file_identity
 from .images import PictureCache
 from .worker import EngineDriver, EngineWorker
 
@@ -22,6 +24,24 @@ class AnnotatorState:
     driver: EngineDriver
     worker: EngineWorker | None = None  # the background thread when START_ENGINE
     pictures: PictureCache = field(default_factory=PictureCache)  # item id -> the encoded picture shown
+    ids: ItemIds | None = None  # pool position <-> stable item id (None: the same number)
+    folder: object = None  # annotator.FolderReport of the start: unreadable, new and vanished files
+
+    def pool_index(self, item_id: int) -> int | None:
+        """The pool position of an item id, or None when its file is not in the pool."""
+        if self.ids is None:
+            return item_id if 0 <= item_id < int(self.dataset.train_images.shape[0]) else None
+        return self.ids.pool_index(item_id)
+    database_identity: tuple | None = None  # (device, inode) of the database file at start
+
+    def __post_init__(self):
+        if self.database_identity is None:
+            self.database_identity = file_identity(self.database)
+
+    def check_database(self) -> None:
+        """Raise AnnotatorDBError if the database file was deleted or replaced under the running server."""
+        if file_identity(self.database) != self.database_identity:
+            raise AnnotatorDBError(database_gone_message(self.database))
 
     @property
     def images(self) -> Dataset:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,3 +63,41 @@ def test_simulated_run_without_out_is_a_clear_error():
     result = run_app("--oracle", "simulated")
     assert result.returncode == 2
     assert "--out" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_simulated_run_on_an_image_folder_with_a_frozen_local_backbone(tmp_path):
+    """`--model resnet18 --weights FILE`: features computed once and cached, a head trained per round;
+    the second run of the same folder decodes nothing and computes no feature again."""
+    import torch
+    import torchvision
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 24), ("test", 8)):
+        for label, shade in (("dark", 40), ("light", 210)):
+            folder = tmp_path / "photos" / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                size = (int(rng.integers(30, 90)), int(rng.integers(30, 90)))  # mixed sizes, never square-forced
+                Image.new("RGB", size, (shade, shade, shade)).save(folder / f"{label}{i}.jpg")
+    weights = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)  # "local weights": no download here
+    args = ("--oracle", "simulated", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "photos"),
+            "--model", "resnet18", "--weights", str(weights), "--image-size", "64", "--strategy", "margin",
+            "--initial", "8", "--query-size", "8", "--rounds", "2", "--epochs", "5", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress")
+    first = run_app(*args, "--out", str(tmp_path / "run1"))
+    assert first.returncode == 0, first.stderr
+    config = json.loads((tmp_path / "run1" / "config.json").read_text())
+    assert config["dataset"]["kind"] == "features" and config["dataset"]["image_shape"] == [512, 1, 1]
+    metrics = [json.loads(line) for line in (tmp_path / "run1" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["labeled"] for m in metrics] == [8, 16, 24] and all(m["accuracy"] is not None for m in metrics)
+    stores = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert "pixels" in stores and any("feature" in name for name in stores)
+    files_before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    second = run_app(*args, "--out", str(tmp_path / "run2"))
+    assert second.returncode == 0, second.stderr
+    files_after = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    assert files_after == files_before  # both caches reused as they were: nothing decoded or computed again
+    assert (tmp_path / "run2" / "queries.jsonl").read_text() == (tmp_path / "run1" / "queries.jsonl").read_text()

@@ -1,6 +1,8 @@
 """The round loop: run files as DESIGN.md says, pool invariants, and resume == uninterrupted."""
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -63,10 +65,18 @@ def test_resume_refuses_a_folder_with_other_settings(make_run_config):
         run_simulation(config, SimulatedOracle.for_run, progress=False)
 
 
-def test_last_round_takes_what_is_left_of_a_small_pool(make_run_config):
+def test_a_plan_larger_than_the_pool_is_one_error_at_start(make_run_config, tmp_path):
+    # 30 + 3 x 20 = 90 items from a pool of 60: refused before any training, with the rounds that fit
     config = make_run_config(subset=60, initial=30, query_size=20, rounds=3, strategy="random")
+    with pytest.raises(ConfigError, match=r"needs 90 items .* pool has 60; use --rounds 1"):
+        run_simulation(config, SimulatedOracle.for_run, progress=False)
+    assert not (Path(config.out) / "metrics.jsonl").exists()
+
+
+def test_a_plan_that_exactly_fills_the_pool_runs_every_round(make_run_config):
+    config = make_run_config(subset=60, initial=20, query_size=20, rounds=2, strategy="random")
     metrics = run_simulation(config, SimulatedOracle.for_run, progress=False)
-    assert [m["labeled"] for m in metrics] == [30, 50, 60, 60]
+    assert [m["labeled"] for m in metrics] == [20, 40, 60]
 
 
 def test_engine_rejects_bad_settings(make_run_config):
