@@ -14,7 +14,7 @@ Phases, each resumable (a rerun skips what is finished and continues what was cu
    (a) the small CNN trained from scratch each round (as the project's runs do) and (b) a head on the
    frozen SimCLR features (`--weights`). Typiclust's arm chooses its first 10 with
    `--initial-strategy typiclust` too (cold start: (a) clusters the pixels, (b) the features); random
-   and margin start from the seeded random 10. Each cell is one run folder under OUT/runs/, resumed
+   and margin start from the seeded random 10. Each cell is one run folder under OUT/cells/, resumed
    round by round by the engine's own run files.
 
 Every line printed is also appended to OUT/results.jsonl (one line per finished item, rewritten
@@ -136,7 +136,7 @@ def run_cell(args, out: Path, dataset, arm: str, strategy: str, seed: int) -> di
     settings = dict(dataset="fashion-mnist", model="small-cnn", strategy=strategy, initial=10,
                     query_sizes=list(SCHEDULE), seed=seed, device=args.device,
                     initial_strategy="typiclust" if strategy == "typiclust" else "random",
-                    out=str(out / "runs" / f"{arm}-{strategy}-s{seed}"), cache_dir=args.cache_dir)
+                    out=str(out / "cells" / f"{arm}-{strategy}-s{seed}"), cache_dir=args.cache_dir)
     if arm == "ssl":
         settings.update(weights=str(weights_file(out)), embed_dim=256)
     start = time.perf_counter()
@@ -145,6 +145,35 @@ def run_cell(args, out: Path, dataset, arm: str, strategy: str, seed: int) -> di
     return {"kind": "cell", "key": f"{arm}-{strategy}-s{seed}", "arm": arm, "strategy": strategy, "seed": seed,
             "labeled": [m["labeled"] for m in metrics], "accuracy": [round(m["accuracy"], 4) for m in metrics],
             "kappa": [m.get("kappa") for m in metrics], "seconds": round(time.perf_counter() - start, 1)}
+
+
+def report(out: Path) -> str:
+    """Markdown tables of what results.jsonl holds: test accuracy (%) per budget, mean (and sd over the
+    seeds finished, with their count) per arm and strategy, and (b) - (a) per strategy."""
+    records = list(done(out).values())
+    cells = [r for r in records if r["kind"] == "cell"]
+    budgets = [10, 20, 50, 100, 200, 500]
+    lines = ["| arm | strategy | seeds | " + " | ".join(str(b) for b in budgets) + " |",
+             "|---|---|---|" + "---|" * len(budgets)]
+    table = {}
+    for arm in ARMS:
+        for strategy in STRATEGIES:
+            runs = [c for c in cells if c["arm"] == arm and c["strategy"] == strategy]
+            if not runs:
+                continue
+            values = np.array([[100 * a for a in c["accuracy"]] for c in runs])
+            table[arm, strategy] = values.mean(0)
+            spread = values.std(0, ddof=1) if len(runs) > 1 else None
+            row = [f"{m:.1f}" + (f" ± {sd:.1f}" if spread is not None else "") for m, sd in
+                   zip(values.mean(0), spread if spread is not None else values.mean(0))]
+            seeds = ",".join(str(c["seed"]) for c in sorted(runs, key=lambda c: c["seed"]))
+            lines.append(f"| {'(a) scratch' if arm == 'scratch' else '(b) SSL head'} | {strategy} | {seeds} | "
+                         + " | ".join(row) + " |")
+    for strategy in STRATEGIES:
+        if ("scratch", strategy) in table and ("ssl", strategy) in table:
+            gain = table["ssl", strategy] - table["scratch", strategy]
+            lines.append(f"| (b) - (a) | {strategy} | | " + " | ".join(f"{g:+.1f}" for g in gain) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -159,7 +188,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: the user's cache)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report", action="store_true", help="print the markdown tables of what is finished; run nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(Path(args.out)))
+        return 0
 
     from al_engine.data import LoadOptions, load_dataset
 
