@@ -155,24 +155,33 @@ def report(out: Path) -> str:
     budgets = [10, 20, 50, 100, 200, 500]
     lines = ["| arm | strategy | seeds | " + " | ".join(str(b) for b in budgets) + " |",
              "|---|---|---|" + "---|" * len(budgets)]
-    table = {}
     for arm in ARMS:
         for strategy in STRATEGIES:
             runs = [c for c in cells if c["arm"] == arm and c["strategy"] == strategy]
             if not runs:
                 continue
             values = np.array([[100 * a for a in c["accuracy"]] for c in runs])
-            table[arm, strategy] = values.mean(0)
             spread = values.std(0, ddof=1) if len(runs) > 1 else None
             row = [f"{m:.1f}" + (f" ± {sd:.1f}" if spread is not None else "") for m, sd in
                    zip(values.mean(0), spread if spread is not None else values.mean(0))]
             seeds = ",".join(str(c["seed"]) for c in sorted(runs, key=lambda c: c["seed"]))
             lines.append(f"| {'(a) scratch' if arm == 'scratch' else '(b) SSL head'} | {strategy} | {seeds} | "
                          + " | ".join(row) + " |")
-    for strategy in STRATEGIES:
-        if ("scratch", strategy) in table and ("ssl", strategy) in table:
-            gain = table["ssl", strategy] - table["scratch", strategy]
-            lines.append(f"| (b) - (a) | {strategy} | | " + " | ".join(f"{g:+.1f}" for g in gain) + " |")
+    for strategy in STRATEGIES:  # paired: only the seeds both arms finished
+        by_seed = {arm: {c["seed"]: c["accuracy"] for c in cells if c["arm"] == arm and c["strategy"] == strategy}
+                   for arm in ARMS}
+        common = sorted(set(by_seed["scratch"]) & set(by_seed["ssl"]))
+        if common:
+            gain = np.mean([np.subtract(by_seed["ssl"][s], by_seed["scratch"][s]) for s in common], axis=0) * 100
+            lines.append(f"| (b) - (a), paired | {strategy} | {','.join(map(str, common))} | "
+                         + " | ".join(f"{g:+.1f}" for g in gain) + " |")
+    by_seed = {strategy: {c["seed"]: c["accuracy"] for c in cells if c["arm"] == "ssl" and c["strategy"] == strategy}
+               for strategy in STRATEGIES}
+    common = sorted(set(by_seed["typiclust"]) & set(by_seed["random"]))
+    if common:
+        gain = np.mean([np.subtract(by_seed["typiclust"][s], by_seed["random"][s]) for s in common], axis=0) * 100
+        lines.append(f"| (b) typiclust - random, paired | | {','.join(map(str, common))} | "
+                     + " | ".join(f"{g:+.1f}" for g in gain) + " |")
     return "\n".join(lines)
 
 
