@@ -262,9 +262,11 @@ def pretrain(config: PretrainConfig, dataset: Dataset | None = None, progress: b
 
     config.validate()
     if dataset is None:
+        # Image folders: the side a later run with --weights takes by default (32 for a project network,
+        # 224 for a torchvision one), so that features are computed at the size the network learned.
+        side = config.image_size or (32 if config.model == "auto" or config.model in MODELS else 224)
         options = LoadOptions(data_dir=config.data_dir, download=config.download, subset=config.subset,
-                              image_size=config.image_size or 32, seed=config.seed, cache_dir=config.cache_dir,
-                              strict=config.strict)
+                              image_size=side, seed=config.seed, cache_dir=config.cache_dir, strict=config.strict)
         dataset = load_dataset(config.dataset, options)
     if dataset.is_features:
         raise ConfigError("pretraining needs images, not features")
