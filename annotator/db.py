@@ -648,20 +648,21 @@ class AnnotationDB:
     # ---------------------------------------------------------------------------------------- answers
 
     def record_answer(self, user_id: int, item_id: int, label: int, time_taken_ms: int | None = None,
-                      is_admin: bool = False) -> str:
+                      is_admin: bool = False, check: bool = False) -> str:
         """Store an answer before returning: 'created', 'unchanged' (same answer again), 'replaced' (a
-        different answer from the same annotator), 'checked' (a second opinion on a closed round's item
-        they were handed) or 'corrected' (an answer to a closed round's item: it decides the item's label
-        from the next training on). Raises NotFound / Conflict."""
+        different answer from the same annotator), 'checked' (`check`: a blind second opinion on a closed
+        round's item, one more vote) or 'corrected' (any other answer to a closed round's item: it decides
+        the item's label from the next training on). Raises NotFound / Conflict."""
         with self.transaction():
-            return self._record_answer(user_id, item_id, label, time_taken_ms, _now(), is_admin)
+            return self._record_answer(user_id, item_id, label, time_taken_ms, _now(), is_admin, check)
 
-    def record_answers(self, user_id: int, item_ids: list[int], label: int, is_admin: bool = False) -> list[str]:
+    def record_answers(self, user_id: int, item_ids: list[int], label: int, is_admin: bool = False,
+                       check: bool = False) -> list[str]:
         """Grid mode: one label for many items in one transaction, all or nothing (an unknown item, or
         one leased to someone else, raises NotFound / Conflict and records none of them)."""
         now = _now()
         with self.transaction():
-            return [self._record_answer(user_id, item_id, label, None, now, is_admin) for item_id in item_ids]
+            return [self._record_answer(user_id, item_id, label, None, now, is_admin, check) for item_id in item_ids]
 
     def _keep_history(self, answer_id: int, now: float, change: str) -> None:
         self.db.execute("insert into answer_history(answer_id, item_id, annotator_id, round, label, source, created, "
@@ -669,7 +670,7 @@ class AnnotationDB:
                         "updated, ?, ? from answers where id = ?", [now, change, answer_id])
 
     def _record_answer(self, user_id: int, item_id: int, label: int, time_taken_ms: int | None, now: float,
-                       is_admin: bool = False) -> str:
+                       is_admin: bool = False, check: bool = False) -> str:
         """One answer, inside the caller's transaction."""
         batch = self.db.execute(
             "select b.round, b.strategy, b.score, b.model_version, r.state from batch_items b "
@@ -694,7 +695,7 @@ class AnnotationDB:
         elif label == SKIP:
             raise Conflict(f"item {item_id} belongs to round {round_index}, which is closed: "
                            "a correction must name a class")
-        elif existing is None and lease is not None and lease[0] == "check":
+        elif check and (existing is None or existing[2] == "check"):
             source = "check"  # a blind second opinion while the engine trained: one more vote
         else:
             source = "review"  # a correction: it decides the item's label

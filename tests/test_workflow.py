@@ -213,6 +213,8 @@ def test_the_heartbeat_endpoint_renews_my_leases(make):
     client = app.test_client()
     client.get("/api/tasks?count=3", headers=ADMIN)
     assert client.post("/api/heartbeat", headers=ADMIN).get_json() == {"renewed": 3}
+    assert client.post("/api/leases/release", headers=ADMIN).get_json() == {"released": 3}  # the page closes
+    assert client.post("/api/heartbeat", headers=ADMIN).get_json() == {"renewed": 0}
 
 
 def test_the_admin_page_lists_who_holds_what_and_releases_it(make):
@@ -352,8 +354,12 @@ def test_while_the_engine_trains_others_give_second_opinions(make):
     assert client.get("/api/tasks?count=4&checks=1", headers=ADMIN).get_json()["tasks"] == []  # answered them all
     tasks = client.get("/api/tasks?count=4&checks=1", headers=bob).get_json()["tasks"]
     assert len(tasks) == 4 and {t["kind"] for t in tasks} == {"check"} and {t["item_id"] for t in tasks} <= set(answered)
-    second = client.post("/api/annotations", json={"item_id": tasks[0]["item_id"], "label": 9}, headers=bob)
+    second = client.post("/api/annotations", json={"item_id": tasks[0]["item_id"], "label": 9, "kind": "check"},
+                         headers=bob)
     assert second.get_json()["outcome"] == "checked"
+    again = client.post("/api/annotations", json={"item_id": tasks[0]["item_id"], "label": 9, "kind": "check"},
+                        headers=bob)
+    assert again.get_json()["outcome"] == "unchanged"  # still a vote, not a correction
     items, labels, _ = driver.db.training_answers(0)
     assert labels[items.index(tasks[0]["item_id"])] == 1  # a tie of 1 and 9: the earliest answer stays
     assert client.get("/api/agreement", headers=ADMIN).get_json()["items_with_several_answers"] == 1
