@@ -908,33 +908,38 @@ class AnnotationDB:
     # ---------------------------------------------------------------------------------------- export
 
     EXPORT_FIELDS = ("item", "pool_index", "file_name", "label", "label_index", "annotator", "time",
-                     "time_taken_ms", "round", "strategy", "score", "model_version")
+                     "time_taken_ms", "round", "strategy", "score", "model_version", "source")
 
     def iter_export(self, classes: list[str], latest_only: bool = False, chunk: int = 1000) -> Iterator[dict]:
-        """Every non-skip answer (or, with latest_only, the latest per item), streamed in chunks
-        from one read snapshot so that 100k answers never sit in memory at once."""
-        where = "a.label >= 0"
+        """Every non-skip answer, streamed in chunks from one read snapshot so that 100k answers never sit
+        in memory at once; `source` says how it came (batch, check: a second opinion, review: a correction).
+        With latest_only (the image-folder tree), one answer per item: the first that carries the item's
+        training label (`decide_labels`: a correction, else the majority)."""
         sql = ("select a.id, a.item_id, i.file_name, a.label, u.name, a.updated, a.time_taken_ms, a.round, "
-               "a.strategy, a.score, a.model_version from answers a join items i on i.id = a.item_id "
-               f"join users u on u.id = a.annotator_id where {where}")
-        if latest_only:
-            sql = (f"select * from (select *, row_number() over (partition by item_id order by updated desc, id desc)"
-                   f" as latest from ({sql})) where latest = 1")
+               "a.strategy, a.score, a.model_version, a.source from answers a join items i on i.id = a.item_id "
+               "join users u on u.id = a.annotator_id where a.label >= 0")
         cursor = self.db.conn.cursor()
         cursor.execute("BEGIN")  # one read snapshot for the whole stream
         try:
+            decided = self.decide_labels(self._votes(), len(classes) or None) if latest_only else None
+            written: set[int] = set()
             cursor.execute(sql + " order by 2, 1")
             while True:
                 rows = cursor.fetchmany(chunk)
                 if not rows:
                     break
                 for row in rows:
-                    _, item_id, file_name, label, annotator, updated, taken, round_index, strategy, score, version = row[:11]
+                    _, item_id, file_name, label, annotator, updated, taken, round_index, strategy, score, version, source = row[:12]
+                    if decided is not None:
+                        if item_id in written or decided.get(item_id) != label:
+                            continue
+                        written.add(item_id)
                     yield {
                         "item": item_id, "pool_index": item_id, "file_name": file_name,
                         "label": classes[label] if 0 <= label < len(classes) else str(label), "label_index": label,
                         "annotator": annotator, "time": _iso(updated), "time_taken_ms": taken,
                         "round": round_index, "strategy": strategy, "score": score, "model_version": version,
+                        "source": source,
                     }
         finally:
             cursor.execute("COMMIT")

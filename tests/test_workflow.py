@@ -421,3 +421,17 @@ def test_overlap_and_label_model_are_checked(make):
         make(OVERLAP=0)
     with pytest.raises(UserError, match="label-model"):
         make(LABEL_MODEL="vote")
+
+
+def test_the_image_folder_export_holds_the_training_label_and_the_csv_says_where_an_answer_came_from(make):
+    app = make(RUN_CONFIG=config(initial=6))
+    client = app.test_client()
+    item = batch(app)[0]
+    for name, label in (("A", 1), ("B", 1), ("C", 2)):  # C answers last, the majority says 1
+        headers, _ = user(app, name)
+        client.post("/api/annotations", json={"item_id": item, "label": label}, headers=headers)
+    db = app.extensions["annotator"].driver.db
+    tree = [row for row in db.iter_export([str(d) for d in range(10)], latest_only=True) if row["item"] == item]
+    assert [row["label_index"] for row in tree] == [1]  # was the latest answer, 2
+    lines = client.get("/api/export?format=csv", headers=ADMIN).get_data(as_text=True).splitlines()
+    assert lines[0].endswith(",source") and all(line.endswith(",batch") for line in lines[1:])
