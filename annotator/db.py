@@ -566,7 +566,8 @@ class AnnotationDB:
         never one that already has (or is leased towards) `overlap` answers; at most `lease_cap` held.
 
         With `checks`, when the open batch has nothing for them (the engine trains, or the rest is with
-        others), items of closed rounds that they did not answer, for a blind second opinion."""
+        others), items that they did not answer for a blind second opinion: of closed rounds, or of the
+        open batch once they have their `overlap` answers; the least answered first, the newest round first."""
         now = _now() if now is None else now
         with self.transaction(durable=False):  # a lease lost to a power cut is simply handed out again
             current = self.current_round()
@@ -592,13 +593,16 @@ class AnnotationDB:
             if not items and checks:
                 rows = self.db.execute(
                     "select b.item_id from batch_items b join rounds r on r.round = b.round "
-                    "where r.state != 'labeling' and exists (select 1 from answers a where a.item_id = b.item_id "
+                    "where (r.state != 'labeling' or (select count(*) from answers a where a.item_id = b.item_id "
+                    "  and a.round = b.round) >= :overlap) "
+                    "and exists (select 1 from answers a where a.item_id = b.item_id "
                     "  and a.round = b.round and a.label >= 0) "
                     "and not exists (select 1 from answers a where a.item_id = b.item_id and a.annotator_id = :user) "
                     "order by exists(select 1 from leases l where l.item_id = b.item_id and l.annotator_id = :user "
                     "  and l.expires > :now) desc, "
                     "(select count(*) from answers a where a.item_id = b.item_id) asc, b.round desc, b.position "
-                    "limit :count", {"user": user_id, "now": now, "count": min(count, MAX_HELD)}).fetchall()
+                    "limit :count", {"user": user_id, "now": now, "count": min(count, MAX_HELD),
+                                     "overlap": self.overlap()}).fetchall()
                 items = [row[0] for row in rows]
                 kind = "check"
             for item_id in items:
@@ -684,7 +688,7 @@ class AnnotationDB:
         lease = self.db.execute("select kind from leases where item_id = ? and annotator_id = ? and expires > ?",
                                 [item_id, user_id, now]).fetchone()
         if state == "labeling":
-            source = "batch"
+            source = "check" if check and (existing is None or existing[2] == "check") else "batch"
             if existing is None and lease is None and not is_admin:
                 answered = self.db.execute("select count(*) from answers where item_id = ? and round = ?",
                                            [item_id, round_index]).fetchone()[0]

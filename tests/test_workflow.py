@@ -435,3 +435,30 @@ def test_the_image_folder_export_holds_the_training_label_and_the_csv_says_where
     assert [row["label_index"] for row in tree] == [1]  # was the latest answer, 2
     lines = client.get("/api/export?format=csv", headers=ADMIN).get_data(as_text=True).splitlines()
     assert lines[0].endswith(",source") and all(line.endswith(",batch") for line in lines[1:])
+
+
+def test_at_the_end_of_a_batch_the_others_check_its_answered_items(make):
+    app = make()
+    client = app.test_client()
+    alice, _ = user(app, "alice")
+    bob, _ = user(app, "bob")
+    held = [t["item_id"] for t in client.get("/api/tasks?count=3", headers=alice).get_json()["tasks"]]
+    answered = []
+    for task in client.get("/api/tasks?count=4&checks=1", headers=bob).get_json()["tasks"]:
+        client.post("/api/annotations", json={"item_id": task["item_id"], "label": 5}, headers=bob)
+        answered.append(task["item_id"])
+    for task in client.get("/api/tasks?count=4&checks=1", headers=bob).get_json()["tasks"]:
+        assert task["kind"] == "label"
+        client.post("/api/annotations", json={"item_id": task["item_id"], "label": 5}, headers=bob)
+        answered.append(task["item_id"])
+    # the rest of the batch is with alice, and bob answered every other item: nothing for him, until
+    # alice answers one, which he may then check while she finishes
+    assert client.get("/api/tasks?count=4&checks=1", headers=bob).get_json()["tasks"] == []
+    client.post("/api/annotations", json={"item_id": held[0], "label": 5}, headers=alice)
+    checks = client.get("/api/tasks?count=4&checks=1", headers=bob).get_json()["tasks"]
+    assert [(t["item_id"], t["kind"]) for t in checks] == [(held[0], "check")]
+    result = client.post("/api/annotations", json={"item_id": held[0], "label": 6, "kind": "check"}, headers=bob)
+    assert result.get_json()["outcome"] == "checked"
+    source = app.extensions["annotator"].driver.db.db.execute(
+        "select source from answers where item_id = ? and label = 6", [held[0]]).fetchone()[0]
+    assert source == "check"
