@@ -456,7 +456,10 @@ class AnnotationDB:
                 return row is not None and row[0] != "labeling"
             if self._remaining(round_index) > 0:
                 return False
-            last = self.db.execute("select max(updated) from answers where round = ?", [round_index]).fetchone()[0]
+            # the grace runs from the last answer that counted towards the batch: second opinions on its
+            # finished items (which go on while people wait) must not hold the round open
+            last = self.db.execute("select max(updated) from answers where round = ? and source = 'batch'",
+                                   [round_index]).fetchone()[0]
             if grace_s > 0 and last is not None and now - last < grace_s:
                 return False
             self.db.execute("update rounds set state = 'closed', closed = ? where round = ?", [now, round_index])

@@ -143,6 +143,9 @@ def test_the_batch_closing_answer_can_be_undone_during_the_grace(make):
     client.post("/api/annotations", json={"item_id": answered[-1], "label": 4}, headers=ADMIN)
     last = db.db.execute("select max(updated) from answers").fetchone()[0]
     assert not db.close_round_if_complete(0, grace_s=30.0, now=last + 29)
+    bob, bob_id = user(app, "bob")  # second opinions on the finished batch do not hold it open
+    checked = db.lease_tasks(bob_id, 1, now=last + 30, checks=True)
+    db._record_answer(bob_id, checked[0], 3, None, last + 30.5, check=True)
     assert db.close_round_if_complete(0, grace_s=30.0, now=last + 31)
 
 
