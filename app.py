@@ -5,6 +5,7 @@
     python app.py bench --strategies a,b --seeds 0,1,2 --out DIR
     python app.py export --format csv|jsonl|imagefolder --out PATH
     python app.py users add NAME [--role annotator|admin]
+    python app.py users remove NAME
     python app.py strategies
 
 Every flag is declared once here and is named after the setting it fills (`--query-size` fills
@@ -125,6 +126,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--token", help="sign-in token (default: a random one, printed at start)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="request threads of the server (default: twice the CPU cores, 4 to 8)")
     team = parser.add_argument_group("people (annotator server)")
     team.add_argument("--overlap", type=int, default=1, metavar="N",
                       help="different annotators who answer each item before it counts as done (default: 1)")
@@ -151,7 +154,9 @@ def run_config_from_args(args: argparse.Namespace, **overrides):
             if values.get(key) is None:
                 values[key] = value
     values.update(overrides)
-    return RunConfig(**values)
+    config = RunConfig(**values)
+    config.validate()  # before any data loads: a bad value is one line now, not a traceback later
+    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +195,7 @@ def command_run(argv: list[str]) -> int:
         return 0
     from annotator.cli import serve
 
-    return serve(config, host=args.host, port=args.port, token=args.token, db_path=args.db,
+    return serve(config, host=args.host, port=args.port, token=args.token, db_path=args.db, threads=args.threads,
                  team=team_settings(args))
 
 
@@ -325,8 +330,10 @@ def command_users(argv: list[str]) -> int:
     add = sub.add_parser("add", help="add an annotator and print their token")
     add.add_argument("name")
     add.add_argument("--role", default="annotator", choices=["annotator", "admin"])
+    remove = sub.add_parser("remove", help="revoke a user: their token and every session of theirs stop working")
+    remove.add_argument("name")
     listing = sub.add_parser("list", help="list annotators")
-    for subcommand in (add, listing):
+    for subcommand in (add, remove, listing):
         add_db_argument(subcommand, default=argparse.SUPPRESS)
     return users_command(parser.parse_args(argv))
 

@@ -5,6 +5,7 @@ setting it fills have the same name; config.json records `asdict(config)` as the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from .data import LoadOptions
@@ -56,6 +57,10 @@ class RunConfig:
             raise ConfigError("--embed-dim must be at least 1")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError("--epochs must be at least 1")
+        if not 0 <= self.seed < 2**32:  # NumPy's seeds are unsigned 32-bit
+            raise ConfigError(f"--seed must lie in 0..{2**32 - 1}, got {self.seed}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive finite number, got {self.lr}")
 
     def planned_labels(self) -> int:
         """Items the plan asks for: the initial set and every round's batch."""

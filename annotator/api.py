@@ -69,7 +69,8 @@ def tasks():
     `checks=1`: when the open batch has nothing for them (the engine trains), closed rounds' items for
     a blind second opinion (each task says its "kind": "label" or "check")."""
     count = request.args.get("count", "1")
-    if not (count.isascii() and count.isdigit()) or not 1 <= int(count) <= MAX_TASKS:
+    # ASCII digits only: str.isdigit() also accepts '²' or '①', which int() then refuses
+    if not (count.isascii() and count.isdigit() and len(count) <= 3) or not 1 <= int(count) <= MAX_TASKS:
         abort(400, f"count must be an integer from 1 to {MAX_TASKS}")
     checks = request.args.get("checks", "0")
     if checks not in ("0", "1"):

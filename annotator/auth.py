@@ -1,7 +1,10 @@
 """Sign-in: a token in the URL (`/?token=T`) starts a session; the API also takes `Authorization: Bearer T`.
 
-Sessions are Flask's signed cookie (HttpOnly, SameSite=Lax) holding the user id, a CSRF token and a
-prefix of the user's token hash, so that a new start-up token signs the old owner sessions out.
+Sessions live on the server (`sessions` table): the cookie (Flask's signed cookie: HttpOnly,
+SameSite=Lax, named per port) holds a random session id and a CSRF token, and the database holds only
+the id's SHA-256. So a session can be ended for every copy of its cookie (sign-out, `app.py users
+remove`, a new start-up `--token` for the owner's), and neither the database file nor the signing
+secret in it is enough to make one.
 Requests authenticated by the cookie must carry the CSRF token to change anything (a form field
 `csrf_token` or the header `X-CSRF-Token`); Bearer requests need none (a browser never adds them).
 """
@@ -11,7 +14,7 @@ import functools
 import hmac
 import secrets
 
-from flask import Blueprint, abort, redirect, request, session, url_for
+from flask import Blueprint, abort, redirect, render_template, request, session, url_for
 
 from .connection import get_db
 from .errors import wants_json
@@ -20,10 +23,6 @@ from .db import User
 bp = Blueprint("auth", __name__)
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-
-
-def _token_tag(user: User) -> str:
-    return (user.token_hash or "")[:16]
 
 
 AUTH_KEY = "annotator.auth"  # (user, method) cached on the request itself, not on `g`: an app
@@ -41,10 +40,9 @@ def current_user() -> User | None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             user, method = get_db().user_for_token(token.strip()), "bearer"
-    elif "user_id" in session:
-        candidate = get_db().user_by_id(session["user_id"])
-        if candidate is not None and hmac.compare_digest(session.get("token_tag", ""), _token_tag(candidate)):
-            user, method = candidate, "session"
+    elif isinstance(session.get("sid"), str):
+        user = get_db().user_for_session(session["sid"])
+        method = "session" if user is not None else None
     request.environ[AUTH_KEY] = (user, method)
     return user
 
@@ -59,8 +57,7 @@ def sign_in(token: str) -> User | None:
     if user is None:
         return None
     session.clear()
-    session["user_id"] = user.id
-    session["token_tag"] = _token_tag(user)
+    session["sid"] = get_db().create_session(user.id)
     session["csrf"] = secrets.token_urlsafe(24)
     request.environ[AUTH_KEY] = (user, "session")
     return user
@@ -98,13 +95,62 @@ def require_user(admin: bool = False):
     return decorator
 
 
+INVALID_LINK = "this sign-in link is not valid (the server prints a new one at each start)"
+
+
+def session_user() -> User | None:
+    """The user of this browser's session cookie (not of a Bearer header), or None."""
+    sid = session.get("sid")
+    return get_db().user_for_session(sid) if isinstance(sid, str) else None
+
+
+def sign_in_page(token: str):
+    """GET /?token=T. Signs in at once when this browser has no session of another user; otherwise asks
+    for a click (a POST with the session's CSRF token), so that another site cannot silently swap the
+    person's session for one of its own (login CSRF). The page then takes the token out of the history."""
+    user = get_db().user_for_token(token)
+    if user is None:
+        abort(401, INVALID_LINK)
+    signed_in = session_user()
+    if signed_in is not None and signed_in.id != user.id:
+        response = render_template("signin.html", switch=True, link_user=user, signed_in=signed_in, token=token)
+    else:
+        sign_in(token)
+        response = render_template("signin.html", switch=False, link_user=user)
+    return response, 200, {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+
+
+@bp.post("/signin")
+def signin():
+    """The click of the switch-user page: the token in the form, the current session's CSRF token."""
+    if session_user() is not None:
+        request.environ[AUTH_KEY] = (session_user(), "session")
+        check_csrf()
+    token = request.form.get("token", "")
+    if sign_in(token) is None:
+        abort(401, INVALID_LINK)
+    return redirect(url_for("pages.index"), code=303)
+
+
 @bp.post("/signout")
 @require_user()
 def signout():
+    if isinstance(session.get("sid"), str):
+        get_db().end_session(session["sid"])  # a copy of the cookie saved elsewhere stops working too
     session.clear()
     return redirect(url_for("pages.index"))
 
 
+def current_user_or_none() -> User | None:
+    """current_user for templates: the error page is rendered when the lookup itself failed (a database
+    gone or locked), and must then show the error instead of failing again into an empty 500."""
+    try:
+        return current_user()
+    except Exception:  # noqa: BLE001 - the error being shown is already reported
+        request.environ[AUTH_KEY] = (None, None)
+        return None
+
+
 @bp.app_context_processor
 def template_helpers():
-    return {"csrf_token": csrf_token, "current_user": current_user}
+    return {"csrf_token": csrf_token, "current_user": current_user_or_none}

@@ -9,9 +9,12 @@ from .state import annotator_state
 
 
 def get_db() -> AnnotationDB:
-    """This request's database connection, opened on first use and closed in teardown."""
+    """This request's database connection, opened on first use and closed in teardown. A database deleted
+    or replaced since the start is an error (503), never a new empty database or someone else's."""
     if "db" not in g:
-        g.db = AnnotationDB(annotator_state().database, setup=False)
+        state = annotator_state()
+        state.check_database()
+        g.db = AnnotationDB(state.database, setup=False)
     return g.db
 
 

@@ -7,17 +7,21 @@ Leases commit without the fsync: losing one only hands the item out again. Write
 transactions, so concurrent requests and the engine worker serialise instead of racing.
 
 Tables (schema version 6; MIGRATIONS below bring older files up to date):
-  meta         key/value: schema version, the run's settings, the session secret, `finished`, `overlap`
-  users        annotators and admins; only a SHA-256 of each token is stored
+  meta         key/value: schema version, the run's settings, the cookie-signing secret, `finished`, `overlap`,
+               `server` (the host and port the last server listened on, for the links `users add` prints)
+  users        annotators and admins; only a SHA-256 of each token is stored; `removed` once revoked
+  sessions     signed-in browsers: a SHA-256 of each session's random id (the cookie holds the id), so
+               neither the file nor the signing secret alone can make a session; sign-out deletes the row
   rounds       one row per batch: state labeling -> closed -> trained, and the metrics of the
                model trained once the batch was answered (the learning curve)
   items        every pool item that ever entered a batch (pool index, file name)
   batch_items  which items a round's batch holds, in pick order, with the strategy, score and
                model version that chose each
-  answers      one row per (item, annotator, round); label -1 records a skip; `source` says how it
-               came: "batch" (the open batch), "check" (a blind second opinion on a closed round's
-               item while the engine trained) or "review" (a correction after the round closed,
-               which decides the item's training label)
+  answers      one row per (item, annotator, round); label -1 records a skip; `seq` orders them
+               (a counter, not the clock: a clock stepped back never makes an older answer the latest);
+               `source` says how it came: "batch" (the open batch), "check" (a blind second opinion
+               on a closed round's item while the engine trained) or "review" (a correction after the
+               round closed, which decides the item's training label)
   answer_history  every answer as it was before a replacement, correction or undo
   leases       which annotator holds which item (kind "label" or "check"), until when (unix seconds)
   files        the data folder's manifest (image folders): one stable item id per file name, so a
@@ -55,6 +59,9 @@ OWNER = "owner"  # the built-in admin whose token is printed at start-up
 IMPORT_USER = "import"  # the annotator that labels imported with `app.py import` are recorded under
 RUN_IDENTITY = ("dataset", "subset", "seed")  # settings that must match for a database to go on
 BUSY_TIMEOUT_S = 10.0  # seconds a connection waits for another process's lock before giving up
+SESSION_SECONDS = 14 * 24 * 3600  # a browser's sign-in lasts two weeks at most (then: the link again)
+WAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is cut back to once a checkpoint has emptied it
+FILE_MODE = 0o600  # the database (and its WAL, which SQLite creates with the same mode): the owner only
 
 
 class AnnotatorDBError(UserError):
@@ -117,6 +124,95 @@ def _write_lock(path: str) -> threading.Lock:
     key = os.path.realpath(path)
     with _WRITE_LOCKS_GUARD:
         return _WRITE_LOCKS.setdefault(key, threading.Lock())
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the database file, or None when it is gone: a file deleted or replaced under
+    a running server has another identity (or none), while open connections still see the old one."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def database_gone_message(path: str) -> str:
+    return (f"the database {path!r} was deleted or replaced while the server ran; nothing more can be stored. "
+            "Stop the server, put the database back, and start it again")
+
+
+def make_private(path: str) -> bool:
+    """Take the group's and others' read and write bits off the database and its WAL and shared-memory
+    files (a database made by an earlier version was 0644); True if any file changed."""
+    changed = False
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(OSError):
+            mode = os.stat(name).st_mode
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
+                changed = True
+    return changed
+
+
+class ServerLock:
+    """One server per database: an exclusive lock on `DB.lock`, held while the server runs and released by
+    the kernel when the process ends in any way (a SIGKILL included), so a stale lock never blocks a restart.
+    The file also records that a server ran on this database, so that a database deleted since is noticed
+    at the next start instead of being silently replaced by a new, empty run."""
+
+    def __init__(self, db_path: str):
+        self.path = db_path + ".lock"
+        self.db_path = db_path
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as error:
+            raise AnnotatorDBError(f"cannot create the lock file {self.path!r}: {error.strerror}") from None
+        try:
+            _lock_exclusive(self.fd)
+        except OSError:
+            record = self._read()
+            os.close(self.fd)
+            holder = f" (pid {record['pid']})" if isinstance(record.get("pid"), int) else ""
+            raise AnnotatorDBError(f"database {db_path!r} is in use by another server{holder}; stop it first, "
+                                   "or give this one another --db") from None
+        self.previous = self._read()
+
+    def _read(self) -> dict:
+        try:
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            return json.loads(os.read(self.fd, 4096) or b"{}")
+        except (OSError, ValueError):
+            return {}
+
+    def check_not_deleted(self) -> None:
+        """Refuse to start a new run where a server ran before and the database is now missing."""
+        if self.previous.get("served") and not os.path.exists(self.db_path):
+            raise AnnotatorDBError(
+                f"database {self.db_path!r} is missing, but a server ran on it before (see {self.path!r}): it was "
+                f"deleted or moved. Restore it, or delete {self.path!r} to start a new run under that name")
+
+    def mark_served(self, **details) -> None:
+        record = json.dumps({"pid": os.getpid(), "served": True, "started": _iso(_now()), **details}).encode()
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, record)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
+def _lock_exclusive(fd: int) -> None:
+    """A non-blocking exclusive lock on the whole file; OSError if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,11 +286,42 @@ def _migrate_to_6(db: sqlite_utils.Database) -> None:
         db["files"].create_index(["name"], unique=True)
 
 
-MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2,
-              3: _reserved,  # reserved: reliability's migration
+def _migrate_to_3(db: sqlite_utils.Database) -> None:
+    # Reliability: server-side sessions (revocable; only a hash of the cookie's id is stored), revoked
+    # users, and a counter that orders answers instead of the wall clock. Idempotent.
+    if "sessions" not in db.table_names():
+        db["sessions"].create({"id_hash": str, "user_id": int, "created": float, "expires": float}, pk="id_hash",
+                              not_null={"user_id", "expires"}, foreign_keys=[("user_id", "users", "id")])
+        db["sessions"].create_index(["user_id"])
+    if "removed" not in db["users"].columns_dict:
+        db.execute("alter table users add column removed float")
+    if "seq" not in db["answers"].columns_dict:
+        db.execute("alter table answers add column seq integer")
+        db.execute("update answers set seq = (select count(*) from answers b where b.updated < answers.updated "
+                   "or (b.updated = answers.updated and b.id <= answers.id))")
+    db["answers"].create_index(["seq"], if_not_exists=True)
+
+
+MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3,
               4: _migrate_to_4,
               5: _reserved,  # reserved: cold-start's migration
               6: _migrate_to_6}
+
+
+def _create_private(path: str) -> None:
+    """Create an empty database file readable by its owner only (SQLite would make it 0644 under the
+    usual umask, and its WAL inherits the mode); an existing file is left as it is."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+
+
+def _read_write_uri(path: str) -> str:
+    """A URI that opens an existing database and never creates one (a deleted file stays deleted)."""
+    from urllib.parse import quote
+
+    return "file:" + quote(os.path.abspath(path)) + "?mode=rw"
 
 
 class AnnotationDB:
@@ -202,17 +329,23 @@ class AnnotationDB:
 
     def __init__(self, path: str | Path, timeout: float | None = None, setup: bool = True):
         """`setup=False` skips WAL set-up and migrations: for per-request connections of an app
-        that already did both at start-up."""
+        that already did both at start-up; such a connection never creates the file (a database
+        deleted under a running server is an error, not a new empty database)."""
         self.path = str(path)
         try:
-            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S if timeout is None else timeout,
-                                         isolation_level=None,
-                                         check_same_thread=False)
+            if setup:
+                _create_private(self.path)
+            connection = sqlite3.connect(self.path if setup else _read_write_uri(self.path),
+                                         timeout=BUSY_TIMEOUT_S if timeout is None else timeout,
+                                         isolation_level=None, check_same_thread=False, uri=not setup)
             self.db = sqlite_utils.Database(connection)
             if setup:
                 self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # durable=True transactions raise it to FULL
             self.db.execute("PRAGMA foreign_keys=ON")
+            # A long export holds a read snapshot that keeps checkpoints from emptying the WAL, which then
+            # grows; once a checkpoint does empty it, the next commit cuts the file back to this size.
+            self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             if setup:
                 self.migrate()
         except sqlite3.DatabaseError as error:
@@ -281,7 +414,8 @@ class AnnotationDB:
             self._set_meta(key, value)
 
     def secret_key(self) -> str:
-        """The session-signing secret, made once and kept, so sign-ins survive a restart."""
+        """The cookie-signing secret, made once and kept, so sign-ins survive a restart. It alone makes
+        no session: a cookie must also carry a session id whose hash is in `sessions`."""
         with self.transaction():
             secret = self.get_meta("secret_key")
             if secret is None:
@@ -332,6 +466,17 @@ class AnnotationDB:
                 self.db.execute("delete from meta where key = 'run'")
                 self.db.execute("delete from files")
 
+    def record_server(self, host: str, port: int) -> None:
+        """Where the server listens, for the sign-in links that `app.py users add` prints."""
+        self.set_meta("server", json.dumps({"host": host, "port": port}))
+
+    def server_address(self) -> tuple[str, int] | None:
+        stored = self.get_meta("server")
+        if stored is None:
+            return None
+        address = json.loads(stored)
+        return address["host"], int(address["port"])
+
     def set_run_setting(self, key: str, value) -> None:
         """Change one stored setting of the run (a strategy change the user asked for)."""
         with self.transaction():
@@ -352,8 +497,10 @@ class AnnotationDB:
             if row is None:
                 self.db.execute("insert into users(name, role, token_hash, created) values (?, 'admin', ?, ?)",
                                 [OWNER, hash_token(token), _now()])
-            else:
+            elif self.db.execute("select token_hash from users where id = ?", [row[0]]).fetchone()[0] \
+                    != hash_token(token):  # a new start-up token: the old one's sessions end with it
                 self.db.execute("update users set token_hash = ? where id = ?", [hash_token(token), row[0]])
+                self.db.execute("delete from sessions where user_id = ?", [row[0]])
         return self.user_for_token(token)
 
     def add_user(self, name: str, role: str = "annotator") -> str:
@@ -367,15 +514,34 @@ class AnnotationDB:
             raise UserError(f"the name {name!r} is reserved (start-up token, imported labels)")
         token = secrets.token_urlsafe(24)
         with self.transaction():
-            if self.db.execute("select 1 from users where name = ?", [name]).fetchone():
+            row = self.db.execute("select id, removed from users where name = ?", [name]).fetchone()
+            if row is not None and row[1] is None:
                 raise UserError(f"a user named {name!r} already exists")
-            self.db.execute("insert into users(name, role, token_hash, created) values (?, ?, ?, ?)",
-                            [name, role, hash_token(token), _now()])
+            if row is not None:  # a removed user comes back with a new token (their answers stay theirs)
+                self.db.execute("update users set role = ?, token_hash = ?, removed = null where id = ?",
+                                [role, hash_token(token), row[0]])
+            else:
+                self.db.execute("insert into users(name, role, token_hash, created) values (?, ?, ?, ?)",
+                                [name, role, hash_token(token), _now()])
         return token
 
+    def remove_user(self, name: str) -> int:
+        """Revoke a user: their token stops working and every session of theirs ends at once; their
+        answers are kept. Returns the number of sessions ended."""
+        if name == OWNER:
+            raise UserError(f"{OWNER!r} is the start-up token's user; restart the server with a new --token instead")
+        with self.transaction():
+            row = self.db.execute("select id from users where name = ? and removed is null", [name]).fetchone()
+            if row is None:
+                raise UserError(f"no user named {name!r}")
+            ended = self.db.execute("delete from sessions where user_id = ?", [row[0]]).rowcount
+            self.db.execute("update users set token_hash = null, removed = ? where id = ?", [_now(), row[0]])
+        return ended
+
     def list_users(self) -> list[dict]:
+        """Every user that was ever added (a removed one has `removed` set), with their answer count."""
         return list(self.db.query(
-            "select u.id, u.name, u.role, u.created, count(a.id) as answers from users u "
+            "select u.id, u.name, u.role, u.created, u.removed, count(a.id) as answers from users u "
             "left join answers a on a.annotator_id = u.id and a.label >= 0 group by u.id order by u.id"))
 
     def user_for_token(self, token: str) -> User | None:
@@ -401,8 +567,37 @@ class AnnotationDB:
             self.db.execute("update users set instructions_seen = ? where id = ?", [version, user_id])
 
     def user_by_id(self, user_id: int) -> User | None:
-        row = self.db.execute("select id, name, role, token_hash from users where id = ?", [user_id]).fetchone()
+        row = self.db.execute("select id, name, role, token_hash from users where id = ? and removed is null",
+                              [user_id]).fetchone()
         return User(*row) if row else None
+
+    # ---------------------------------------------------------------------------------------- sessions
+
+    def create_session(self, user_id: int, now: float | None = None) -> str:
+        """A new browser session of this user; returns its random id (for the cookie). Only its SHA-256
+        is stored, so the database file does not hold a usable session."""
+        now = _now() if now is None else now
+        session_id = secrets.token_urlsafe(32)
+        with self.transaction():
+            self.db.execute("delete from sessions where expires <= ?", [now])
+            self.db.execute("insert into sessions(id_hash, user_id, created, expires) values (?, ?, ?, ?)",
+                            [hash_token(session_id), user_id, now, now + SESSION_SECONDS])
+        return session_id
+
+    def user_for_session(self, session_id: str, now: float | None = None) -> User | None:
+        """The user of a live session id, or None (unknown, ended, expired, or the user was removed)."""
+        if not session_id:
+            return None
+        row = self.db.execute(
+            "select u.id, u.name, u.role, u.token_hash from sessions s join users u on u.id = s.user_id "
+            "where s.id_hash = ? and s.expires > ? and u.removed is null",
+            [hash_token(session_id), _now() if now is None else now]).fetchone()
+        return User(*row) if row else None
+
+    def end_session(self, session_id: str) -> None:
+        """Sign-out: the session is gone for every copy of its cookie."""
+        with self.transaction():
+            self.db.execute("delete from sessions where id_hash = ?", [hash_token(session_id)])
 
     # ---------------------------------------------------------------------------------------- rounds
 
@@ -483,9 +678,9 @@ class AnnotationDB:
                 self._insert_round(round_index + 1, **next_batch)
 
     def _votes(self, where: str = "", params: list | None = None) -> dict[int, list[tuple]]:
-        """Non-skip answers per item: (annotator id, label, created, updated, source, round, id), oldest first."""
+        """Non-skip answers per item: (annotator id, label, created, updated, source, round, id, seq), oldest first."""
         rows = self.db.execute(
-            "select item_id, annotator_id, label, created, updated, source, round, id from answers "
+            "select item_id, annotator_id, label, created, updated, source, round, id, seq from answers "
             f"where label >= 0 {where} order by id", params or []).fetchall()
         votes: dict[int, list[tuple]] = {}
         for item_id, *rest in rows:
@@ -502,7 +697,7 @@ class AnnotationDB:
         for item, answers in votes.items():
             reviews = [a for a in answers if a[4] == "review"]
             if reviews:
-                decided[item] = max(reviews, key=lambda a: (a[3], a[6]))[1]
+                decided[item] = max(reviews, key=lambda a: (a[7] or 0, a[6]))[1]  # the latest by seq, not clock
                 continue
             latest = {}  # one vote per annotator: their latest answer (an item may be in several rounds)
             for answer in answers:
@@ -514,7 +709,8 @@ class AnnotationDB:
                                       for item, latest in undecided.items()}, classes)
             decided.update({item: int(np.argmax(posterior)) for item, posterior in posteriors.items()})
         else:
-            decided.update({item: majority_label([(a[2], a[1]) for a in latest.values()])
+            # ties: the earliest answer, by insertion order (ids), which a stepped clock cannot reorder
+            decided.update({item: majority_label([(a[6], a[1]) for a in latest.values()])
                             for item, latest in undecided.items()})
         return decided
 
@@ -671,6 +867,10 @@ class AnnotationDB:
         with self.transaction():
             return [self._record_answer(user_id, item_id, label, None, now, is_admin, check) for item_id in item_ids]
 
+    # Answers are ordered by this counter (inside the write transaction, so it is strictly increasing),
+    # never by the clock, which NTP or a person may step back.
+    _NEXT_SEQ = "(select coalesce(max(seq), 0) + 1 from answers)"
+
     def _keep_history(self, answer_id: int, now: float, change: str) -> None:
         self.db.execute("insert into answer_history(answer_id, item_id, annotator_id, round, label, source, created, "
                         "updated, replaced, change) select id, item_id, annotator_id, round, label, source, created, "
@@ -711,12 +911,12 @@ class AnnotationDB:
         elif existing is not None:
             self._keep_history(existing[0], now, "corrected" if source == "review" else "replaced")
             self.db.execute("update answers set label = ?, time_taken_ms = coalesce(?, time_taken_ms), updated = ?, "
-                            "source = ? where id = ?", [label, time_taken_ms, now, source, existing[0]])
+                            f"source = ?, seq = {self._NEXT_SEQ} where id = ?", [label, time_taken_ms, now, source, existing[0]])
             outcome = "corrected" if source == "review" else "replaced"
         else:
             self.db.execute(
                 "insert into answers(item_id, annotator_id, round, label, time_taken_ms, created, updated, "
-                "strategy, score, model_version, source) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"strategy, score, model_version, source, seq) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {self._NEXT_SEQ})",
                 [item_id, user_id, round_index, label, time_taken_ms, now, now, strategy, score, model_version,
                  source])
             outcome = {"batch": "created", "check": "checked", "review": "corrected"}[source]
@@ -764,7 +964,7 @@ class AnnotationDB:
         """This annotator's latest answers (skips included), newest first: the labeling page's history."""
         return list(self.db.query(
             "select a.item_id, a.label, a.round, a.updated, a.source, r.state from answers a "
-            "join rounds r on r.round = a.round where a.annotator_id = ? order by a.updated desc, a.id desc limit ?",
+            "join rounds r on r.round = a.round where a.annotator_id = ? order by a.seq desc, a.id desc limit ?",
             [user_id, limit]))
 
     def review_items(self, label: int | None = None, annotator_id: int | None = None, round_index: int | None = None,
@@ -784,13 +984,12 @@ class AnnotationDB:
         if round_index is not None:
             where.append("a.round = ?")
             params.append(round_index)
-        having = ""
         if disagreements or conflicts:
             where.append("a.item_id in (select item_id from answers where label >= 0 group by item_id "
                          "having count(distinct label) > 1)")
         if conflicts:
             where.append("a.item_id not in (select item_id from answers where source = 'review')")
-        sql = f"select a.item_id, max(a.updated) as last from answers a where {' and '.join(where)} group by a.item_id{having}"
+        sql = f"select a.item_id, max(a.seq) as last from answers a where {' and '.join(where)} group by a.item_id"
         total = self.db.execute(f"select count(*) from ({sql})", params).fetchone()[0]
         rows = self.db.execute(sql + " order by last desc, a.item_id limit ? offset ?", [*params, limit, offset]).fetchall()
         item_ids = [r[0] for r in rows]
@@ -907,8 +1106,9 @@ class AnnotationDB:
                                 [item_id, names.get(item_id)])
                 self.db.execute(
                     "insert into answers(item_id, annotator_id, round, label, time_taken_ms, created, updated, "
-                    "strategy) values (?, ?, ?, ?, null, ?, ?, 'import') on conflict(item_id, annotator_id, round) "
-                    "do update set label = excluded.label, updated = excluded.updated",
+                    f"strategy, seq) values (?, ?, ?, ?, null, ?, ?, 'import', {self._NEXT_SEQ}) "
+                    "on conflict(item_id, annotator_id, round) "
+                    f"do update set label = excluded.label, updated = excluded.updated, seq = {self._NEXT_SEQ}",
                     [item_id, user_id, round_index, label, now, now])
         return len(labels)
 
@@ -950,4 +1150,8 @@ class AnnotationDB:
                     }
         finally:
             cursor.execute("COMMIT")
+            # The snapshot held the WAL back from checkpoints while it lasted: checkpoint now, without waiting
+            # for anyone, so that the next commit can restart the WAL and cut it back to WAL_SIZE_LIMIT.
+            with contextlib.suppress(sqlite3.Error):
+                cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
             cursor.close()

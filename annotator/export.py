@@ -1,7 +1,13 @@
 """Export of the answers: CSV and JSONL streamed row by row, and an image-folder tree.
 
 The web view streams straight from a database cursor; the CLI writes to a temporary file next to
-the target and renames it into place, so a reader never sees half a file.
+the target and renames it into place, so a reader never sees half a file. A target that is a symbolic
+link is written through (the link stays, its file is replaced the same way); a FIFO, a terminal or another
+special file is written to directly. New files get the user's usual permissions (umask), a replaced file
+keeps its own. Temporary files that a killed export left behind are removed by the next export.
+
+CSV cells that a spreadsheet would run as a formula (text starting with = + - @, a tab or a carriage
+return) get a leading apostrophe, as OWASP recommends; JSONL keeps every value as it is.
 """
 from __future__ import annotations
 
@@ -9,9 +15,11 @@ import csv
 import io
 import json
 import os
+import re
+import secrets
 import shutil
+import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -25,9 +33,20 @@ STREAM_FORMATS = ("csv", "jsonl")
 MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson; charset=utf-8"}
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula
+
+
+def neutralise(value):
+    """A text cell that a spreadsheet would evaluate, made inert with a leading apostrophe (numbers, which
+    are written as numbers, are left alone: -0.5 is a score, not a formula)."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _csv_line(values) -> str:
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(values)
+    csv.writer(buffer, lineterminator="\n").writerow([neutralise(value) for value in values])
     return buffer.getvalue()
 
 
@@ -50,21 +69,84 @@ def export_lines(db_path: str, fmt: str, chunk: int = 1000) -> Iterator[str]:
         db.close()
 
 
-def write_stream_export(db_path: str, fmt: str, out: Path) -> int:
-    """Write CSV/JSONL atomically (temporary file, fsync, rename); returns the number of answers."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    count = -1 if fmt == "csv" else 0
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _temp_path(target: Path) -> Path:
+    """A hidden temporary name beside the target that records the writing process's id."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _process_alive(pid: int) -> bool:
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, name: str) -> int:
+    """Delete the temporary files (or folders) of earlier exports to `name` whose process is gone (killed
+    mid-export); the ones of an export still running are left alone. Returns how many were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        match = TEMP_PATTERN.match(entry.name)
+        if not match or match["name"] != name or _process_alive(int(match["pid"])):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _write_lines(handle, lines) -> int:
+    count = 0
+    for line in lines:
+        handle.write(line)
+        count += 1
+    return count
+
+
+def write_stream_export(db_path: str, fmt: str, out: Path) -> int:
+    """Write CSV/JSONL atomically (temporary file, fsync, rename); returns the number of answers.
+    Through a symbolic link the linked file is replaced; a FIFO or device is written directly."""
+    header = 1 if fmt == "csv" else 0
+    target = Path(os.path.realpath(out)) if out.is_symlink() else out
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise UserError(f"{str(out)!r} is a folder; --format {fmt} writes a file")
+    if mode is not None and not stat.S_ISREG(mode):  # a FIFO, /dev/stdout, a terminal: no rename possible
+        with open(target, "w", encoding="utf-8", newline="") as handle:
+            return _write_lines(handle, export_lines(db_path, fmt)) - header
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, target.name)
+    tmp = _temp_path(target)
+    # a new file gets the usual permissions (0666 less the umask), a replaced one keeps its own
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else stat.S_IMODE(mode))
+    try:
+        if mode is not None:
+            os.fchmod(fd, stat.S_IMODE(mode))
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            for line in export_lines(db_path, fmt):
-                handle.write(line)
-                count += 1
+            count = _write_lines(handle, export_lines(db_path, fmt)) - header
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, out)
+        os.replace(tmp, target)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return count
 
@@ -87,11 +169,16 @@ def _source_file(data_dir: str | None, file_name: str | None) -> Path | None:
 def write_imagefolder(db_path: str, out: Path, dataset=None, data_dir: str | None = None) -> int:
     """One folder per class holding each labeled item once (its latest answer). Original files are
     copied when the dataset came from an image folder, otherwise PNGs are encoded from the pool.
-    Built in a temporary folder and renamed into place; refuses to overwrite a non-empty folder."""
+    Built in a temporary folder and renamed into place; refuses to overwrite a non-empty folder, and a
+    symbolic link (the rename would replace the link, not fill the folder it points to)."""
+    if out.is_symlink():
+        raise UserError(f"{str(out)!r} is a symbolic link; give the folder itself as --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{str(out)!r} exists and is not an empty folder; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_temporaries(out.parent, out.name)
+    tmp = _temp_path(out)
+    tmp.mkdir(0o777)  # the user's usual permissions (umask), as `mkdir` gives
     db = AnnotationDB(db_path, setup=False)
     count = 0
     missing: list[str] = []

@@ -1,12 +1,12 @@
 """The labeling page, grid mode and the dashboard (full pages, or htmx partials on HX-Request)."""
 from __future__ import annotations
 
-from flask import Blueprint, abort, redirect, render_template, request, url_for
+from flask import Blueprint, render_template, request
 
 from .connection import get_db
 from .state import annotator_state
 from .api import status_payload
-from .auth import current_user, require_user, sign_in
+from .auth import current_user, require_user, sign_in_page
 
 bp = Blueprint("pages", __name__)
 
@@ -81,9 +81,7 @@ def instructions_html():
 def index():
     token = request.args.get("token")
     if token is not None:
-        if sign_in(token) is None:
-            abort(401, "this sign-in link is not valid (the server prints a new one at each start)")
-        return redirect(url_for("pages.index"))  # drop the token from the address bar and history
+        return sign_in_page(token)
     return label_page()
 
 

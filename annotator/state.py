@@ -7,9 +7,9 @@ from flask import current_app
 
 from al_engine.config import RunConfig
 from al_engine.data import Dataset
-
 from oracle.human import ItemIds
 
+from .db import AnnotatorDBError, database_gone_message, file_identity
 from .images import PictureCache
 from .worker import EngineDriver, EngineWorker
 
@@ -33,6 +33,16 @@ class AnnotatorState:
         if self.ids is None:
             return item_id if 0 <= item_id < int(self.dataset.train_images.shape[0]) else None
         return self.ids.pool_index(item_id)
+    database_identity: tuple | None = None  # (device, inode) of the database file at start
+
+    def __post_init__(self):
+        if self.database_identity is None:
+            self.database_identity = file_identity(self.database)
+
+    def check_database(self) -> None:
+        """Raise AnnotatorDBError if the database file was deleted or replaced under the running server."""
+        if file_identity(self.database) != self.database_identity:
+            raise AnnotatorDBError(database_gone_message(self.database))
 
     @property
     def images(self) -> Dataset:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from al_engine.seeding import Stream
 from al_engine.strategies import picks_available
 from oracle.human import HumanOracle, ItemIds
 
-from .db import AnnotationDB
+from .db import AnnotationDB, database_gone_message, file_identity
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class EngineDriver:
         self.engine = engine
         self.close_grace_s = close_grace_s  # seconds a complete batch stays open for an undo of its last answer
         self.db = AnnotationDB(db_path)  # this thread's own connection
+        self.db_path = db_path
+        self.db_identity = file_identity(db_path)  # an open connection keeps writing to a deleted file: look
         self.oracle = HumanOracle(self.db, engine.dataset, ids)
         self.status = status or EngineStatus()
         self.engine.on_epoch_end = self._on_epoch_end
@@ -191,6 +194,8 @@ class EngineWorker(threading.Thread):
         super().__init__(name="engine-worker", daemon=True)
         self.driver = driver
         self.poll_s = poll_s  # seconds between checks of the open batch when nobody notifies
+        self.retry_s = 5.0  # seconds before retrying a failed step, doubled after each further failure
+        self.max_failures = 4  # consecutive failed steps after which the engine stops (about 35 s of retries)
         self._wake = threading.Event()
         self._stopping = threading.Event()
 
@@ -208,18 +213,39 @@ class EngineWorker(threading.Thread):
         if self.is_alive():
             self.join(timeout)
 
+    def database_gone(self) -> bool:
+        return file_identity(self.driver.db_path) != self.driver.db_identity
+
     def run(self) -> None:
         self.status.set("starting")
+        failures = 0  # consecutive failed steps
         while not self._stopping.is_set():
+            if self.database_gone():  # training on would write into a deleted file that nobody reads again
+                message = database_gone_message(self.driver.db_path)
+                log.error("engine stopped: %s", message)
+                print(f"annotator: engine stopped: {message}", file=sys.stderr, flush=True)
+                self.status.set("error", 0.0, message)
+                self.driver.close()
+                return
             try:
                 busy = self.driver.step()
+                failures = 0
             except EngineStopped:
                 break
             except Exception as error:  # keep serving answers; show the failure on the dashboard
                 log.exception("engine step failed")
-                self.status.set("error", 0.0, f"{type(error).__name__}: {error}")
+                failures += 1
+                message = f"{type(error).__name__}: {error}"
+                if failures >= self.max_failures:  # the same step failed every time: retrying is pointless
+                    message = (f"{message} (the engine stopped after {failures} failed tries; answers are still "
+                               "stored: fix the cause and restart the server)")
+                    print(f"annotator: engine stopped: {message}", file=sys.stderr, flush=True)
+                    self.status.set("error", 0.0, message)
+                    self.driver.close()
+                    return
+                self.status.set("error", 0.0, message)
                 busy = False
-                self._stopping.wait(5.0)
+                self._stopping.wait(self.retry_s * 2 ** (failures - 1))  # 5, 10, 20 s ...
             if not busy:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()

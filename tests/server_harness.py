@@ -91,6 +91,7 @@ def launcher_loop() -> None:
 
     dataset_names(), strategy_names()  # registries discovered once, before forking
     import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: about 2 s per server otherwise)
+    import waitress.server  # noqa: F401
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed children are reaped by the kernel
     print("ready", flush=True)
     for line in sys.stdin:
@@ -105,6 +106,8 @@ def launcher_loop() -> None:
                 os.dup2(log, 2)
                 os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
                 os.environ.update(order["env"])
+                if order.get("fd_limit"):
+                    set_fd_limit(order["fd_limit"])
                 code = app.main(order["argv"])
             except BaseException:  # noqa: BLE001 - the child must never return into the loop
                 import traceback
@@ -117,11 +120,23 @@ def launcher_loop() -> None:
         print(pid, flush=True)
 
 
-class Launcher:
-    """Starts servers: forked from a warm launcher (mode "fork") or as fresh `python app.py` ("exec")."""
+def set_fd_limit(soft: int) -> None:
+    """This process's soft limit on open files (the usual default is 1,024; the server may raise it)."""
+    import resource
 
-    def __init__(self, mode: str = "fork"):
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard), hard))
+
+
+class Launcher:
+    """Starts servers: forked from a warm launcher (mode "fork") or as fresh `python app.py` ("exec").
+    `program` (exec mode) runs another script with app.py's arguments (benchmarks: the old server)."""
+
+    def __init__(self, mode: str = "fork", program: str = "app.py"):
         self.mode = mode
+        self.program = program
+        if program != "app.py" and mode != "exec":
+            raise ValueError("another program runs only in exec mode")
         self.process = None
         self.started: list[ServerProcess] = []  # killed on close, so a failing test leaves no server behind
         if mode == "fork":
@@ -130,16 +145,19 @@ class Launcher:
             if self.process.stdout.readline().strip() != "ready":
                 raise RuntimeError("the server launcher did not start")
 
-    def start(self, argv: list[str], log: Path, env: dict | None = None) -> "ServerProcess":
+    def start(self, argv: list[str], log: Path, env: dict | None = None, fd_limit: int | None = None) -> "ServerProcess":
+        """Start a server; `fd_limit` sets its soft limit on open files first (as a shell's `ulimit -n`)."""
         if self.mode == "fork":
-            self.process.stdin.write(json.dumps({"argv": argv, "env": env or {}, "log": str(log)}) + "\n")
+            self.process.stdin.write(json.dumps({"argv": argv, "env": env or {}, "log": str(log),
+                                                 "fd_limit": fd_limit}) + "\n")
             self.process.stdin.flush()
             server = ServerProcess(pid=int(self.process.stdout.readline()), log=log)
             self.started.append(server)
             return server
         handle = open(log, "ab")
-        popen = subprocess.Popen([sys.executable, "app.py", *argv], cwd=ROOT, stdout=handle, stderr=handle,
-                                 stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+        popen = subprocess.Popen([sys.executable, self.program, *argv], cwd=ROOT, stdout=handle, stderr=handle,
+                                 stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+                                 preexec_fn=(lambda: set_fd_limit(fd_limit)) if fd_limit else None)
         handle.close()
         self.started.append(ServerProcess(pid=popen.pid, log=log, popen=popen))
         return self.started[-1]
@@ -245,9 +263,10 @@ def server_args(db: Path, port: int, **settings) -> list[str]:
     return argv
 
 
-def start_server(launcher: Launcher, db: Path, log_dir: Path, env: dict | None = None, **settings) -> Server:
+def start_server(launcher: Launcher, db: Path, log_dir: Path, env: dict | None = None, fd_limit: int | None = None,
+                 **settings) -> Server:
     port = free_port()
-    process = launcher.start(server_args(db, port, **settings), log_dir / f"server-{port}.log", env)
+    process = launcher.start(server_args(db, port, **settings), log_dir / f"server-{port}.log", env, fd_limit)
     return Server(process=process, base=f"http://127.0.0.1:{port}")
 
 
@@ -399,7 +418,8 @@ def acknowledged_problems(tally: Tally, snapshot: dict) -> list[str]:
 
 
 def crash_cycles(work_dir: Path, cycles: int = 20, annotators: int = 4, mode: str = "fork", seed: int = 0,
-                 kill_after_s: tuple[float, float] = (0.2, 3.0), think_s: float = 0.0, **settings) -> dict:
+                 kill_after_s: tuple[float, float] = (0.2, 3.0), think_s: float = 0.0, program: str = "app.py",
+                 **settings) -> dict:
     """Start the server, let annotators answer, SIGKILL it after a random delay, check, restart on the
     same database; `cycles` times. Returns a report with every problem found. `think_s` (seconds between
     seeing an item and answering it) stretches the labeling phase so kills land in it as well as in training."""
@@ -409,7 +429,7 @@ def crash_cycles(work_dir: Path, cycles: int = 20, annotators: int = 4, mode: st
     settings = {"initial": 20, "query_size": 15, **settings}
     initial, query_size = int(settings["initial"]), int(settings["query_size"])
     tally, problems, kills = Tally(), [], []
-    with Launcher(mode) as launcher:
+    with Launcher(mode, program) as launcher:
         for cycle in range(cycles):
             server = start_server(launcher, db, work_dir, **settings)
             status = server.wait_ready()
@@ -450,14 +470,14 @@ def crash_cycles(work_dir: Path, cycles: int = 20, annotators: int = 4, mode: st
 
 
 def load_rounds(work_dir: Path, annotator_counts: tuple[int, ...] = (8, 32), items_per_annotator: int = 10,
-                mode: str = "fork", deadline_s: float = 120.0) -> list[dict]:
+                mode: str = "fork", deadline_s: float = 120.0, program: str = "app.py") -> list[dict]:
     """One server; round r's batch is answered by annotator_counts[r] concurrent annotators until it is
     done. Per round: no item leased to two annotators, stored == acknowledged, no 5xx, p50/p95."""
     db = work_dir / "load.db"
     users = add_annotators(db, max(annotator_counts))
     sizes = [count * items_per_annotator for count in annotator_counts]
     reports = []
-    with Launcher(mode) as launcher:
+    with Launcher(mode, program) as launcher:
         server = start_server(launcher, db, work_dir, initial=sizes[0], query_size=sizes[1] if len(sizes) > 1 else 10,
                               rounds=len(sizes), strategy="random")
         try:
@@ -491,6 +511,88 @@ def load_rounds(work_dir: Path, annotator_counts: tuple[int, ...] = (8, 32), ite
         finally:
             server.process.kill()
     return reports
+
+
+def open_idle_connections(port: int, count: int, timeout: float = 5.0) -> list[socket.socket]:
+    """`count` connections that each send half a request (no blank line ending the headers) and then
+    nothing: what an unauthenticated client needs to tie up a server that waits for the rest."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.settimeout(timeout)
+        try:
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        except OSError:
+            sock.close()
+            break
+        sockets.append(sock)
+    return sockets
+
+
+def count_closed(sockets: list[socket.socket]) -> int:
+    """How many of these connections the server has closed (end of stream, or reset)."""
+    import select
+
+    closed = 0
+    for sock in sockets:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable and not sock.recv(4096, socket.MSG_PEEK):
+                closed += 1
+        except OSError:
+            closed += 1
+    return closed
+
+
+def probe_latency(server: "Server", seconds: float, timeout: float = 10.0, pause_s: float = 0.05) -> dict:
+    """Legitimate GET /api/status calls, one after another for `seconds`, each on a new connection:
+    their latency (failed and timed-out calls count as failures, not latencies)."""
+    latencies, failures, errors = [], 0, Counter()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        start = time.perf_counter()
+        try:
+            status, _ = call(server.base, "/api/status", server.token, timeout=timeout)
+            if status == 200:
+                latencies.append((time.perf_counter() - start) * 1000)
+            else:
+                failures += 1
+                errors[f"status {status}"] += 1
+        except (ConnectionError, OSError) as error:
+            failures += 1
+            errors[type(error).__name__ + (": timed out" if "timed out" in str(error) else "")] += 1
+        time.sleep(pause_s)
+    return {**percentiles(latencies), "failures": failures, "errors": dict(errors)}
+
+
+def idle_connection_attack(work_dir: Path, idle: int = 1100, mode: str = "fork", program: str = "app.py",
+                           fd_limit: int = 1024, probe_s: float = 10.0, hold_s: float = 0.0) -> dict:
+    """The idle-socket attack: a server started under a soft limit of `fd_limit` open files (the usual
+    default), `idle` half-sent requests held open, and legitimate calls measured before and during it.
+    With `hold_s`, the connections are kept that long and the report says how many the server closed."""
+    set_fd_limit(idle + 256)  # this client's own sockets
+    with Launcher(mode, program) as launcher:
+        server = start_server(launcher, work_dir / "idle.db", work_dir, fd_limit=fd_limit, initial=20, query_size=10,
+                              rounds=2, strategy="random")
+        server.wait_ready()
+        baseline = probe_latency(server, probe_s)
+        started = time.perf_counter()
+        sockets = open_idle_connections(int(server.base.rsplit(":", 1)[1]), idle)
+        opened_s = time.perf_counter() - started
+        try:
+            during = probe_latency(server, probe_s)
+            report = {"idle_connections": len(sockets), "opened_in_s": round(opened_s, 2), "server_fd_limit": fd_limit,
+                      "baseline": baseline, "during_attack": during, "server_alive": server.process.alive()}
+            if hold_s:
+                time.sleep(max(hold_s - probe_s, 0))
+                report.update(held_s=hold_s, closed_by_server_after_hold=count_closed(sockets),
+                              after_hold=probe_latency(server, min(probe_s, 5.0)))
+        finally:
+            for sock in sockets:
+                sock.close()
+            server.process.kill()
+    return report
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--launcher"]:

@@ -65,7 +65,7 @@ def test_a_forged_or_stale_session_cookie_is_not_a_sign_in(app, make_annotator_a
     client = app.test_client()
     client.set_cookie("annotator_session", "eyJ1c2VyX2lkIjoxfQ.forged.signature")
     assert client.get("/api/status").status_code == 401
-    assert client.get(f"/?token={TOKEN}").status_code == 302
+    assert client.get(f"/?token={TOKEN}").status_code == 200
     assert client.get("/api/status").status_code == 200
     # a restart with a new start-up token signs the owner's old sessions out
     restarted = make_annotator_app("a-new-token")  # the same database
@@ -192,3 +192,129 @@ def test_every_response_forbids_framing_and_mime_sniffing(app):
         assert response.headers["X-Frame-Options"] == "DENY"
         assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
         assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+# --------------------------------------------------------------------------------------------
+# Sessions live on the server: revocable, and not forgeable from the database file
+
+
+def signing_serializer(app):
+    return app.session_interface.get_signing_serializer(app)
+
+
+def test_the_database_file_alone_does_not_make_a_session(app):
+    """Someone who can read the database (its signing secret, the users' token hashes) still cannot sign a
+    cookie that the server takes: a session id must be one whose hash is in `sessions`, and only hashes are."""
+    database = AnnotationDB(app.extensions["annotator"].database)
+    owner = database.user_for_token(TOKEN)
+    database.close()
+    serializer = signing_serializer(app)
+    client = app.test_client()
+    client.get(f"/?token={TOKEN}")  # a real session exists, so its hash is in the file
+    raw = Path(app.extensions["annotator"].database).read_bytes()
+    stored_hash = re.search(rb"[0-9a-f]{64}", raw)
+    forged_cookies = [
+        {"user_id": owner.id, "token_tag": owner.token_hash[:16], "csrf": "x"},  # what the old cookie held
+        {"sid": "guess", "csrf": "x"},
+        {"sid": stored_hash.group(0).decode(), "csrf": "x"},  # a hash read from the file is not an id
+    ]
+    for content in forged_cookies:
+        forger = app.test_client()
+        forger.set_cookie("annotator_session", serializer.dumps(content))
+        assert forger.get("/api/status").status_code == 401, content
+
+
+def test_sign_out_ends_the_session_for_every_copy_of_the_cookie(app):
+    browser = app.test_client()
+    browser.get(f"/?token={TOKEN}")
+    saved = browser.get_cookie("annotator_session").value  # e.g. copied by malware, or a second tab's
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', browser.get("/dashboard").get_data(as_text=True)).group(1)
+    assert browser.post("/signout", data={"csrf_token": csrf}).status_code == 302
+    replay = app.test_client()
+    replay.set_cookie("annotator_session", saved)
+    assert replay.get("/api/status").status_code == 401
+    assert browser.get("/api/status").status_code == 401
+
+
+def test_users_remove_revokes_the_token_and_every_session_at_once(app, tokens, capsys):
+    import app as app_module
+
+    database_path = app.extensions["annotator"].database
+    browsers = [app.test_client() for _ in range(2)]
+    for browser in browsers:
+        browser.get(f"/?token={tokens['alice']}")
+        assert browser.get("/whoami").get_json()["name"] == "alice"
+    assert app_module.main(["users", "--db", database_path, "remove", "alice"]) == 0
+    assert "2 signed-in session(s) ended" in capsys.readouterr().out
+    for browser in browsers:
+        assert browser.get("/api/status").status_code == 401
+    client = app.test_client()
+    assert client.get("/api/status", headers={"Authorization": f"Bearer {tokens['alice']}"}).status_code == 401
+    assert client.get(f"/?token={tokens['alice']}").status_code == 401
+    assert client.get("/api/status", headers={"Authorization": f"Bearer {tokens['bob']}"}).status_code == 200
+    assert app_module.main(["users", "--db", database_path, "list"]) == 0
+    listing = capsys.readouterr().out
+    assert re.search(r"alice\s+annotator\s+0\s+removed", listing) and re.search(r"bob\s+annotator\s+0\s+active", listing)
+    # added again, alice gets a new token; the old one stays dead
+    assert app_module.main(["users", "--db", database_path, "add", "alice"]) == 0
+    new_token = re.search(r"shown once\): (\S+)", capsys.readouterr().out).group(1)
+    assert client.get("/api/status", headers={"Authorization": f"Bearer {new_token}"}).status_code == 200
+    assert client.get("/api/status", headers={"Authorization": f"Bearer {tokens['alice']}"}).status_code == 401
+
+
+def test_a_new_start_up_token_ends_the_owner_sessions_but_the_same_token_keeps_them(app, make_annotator_app, tokens):
+    owner, alice = app.test_client(), app.test_client()
+    owner.get(f"/?token={TOKEN}")
+    alice.get(f"/?token={tokens['alice']}")
+    same = make_annotator_app(TOKEN)  # a restart with the same --token
+    kept = same.test_client()
+    kept.set_cookie("annotator_session", owner.get_cookie("annotator_session").value)
+    assert kept.get("/api/status").status_code == 200
+    restarted = make_annotator_app("another-token")
+    for cookie, expected in ((owner.get_cookie("annotator_session").value, 401),
+                             (alice.get_cookie("annotator_session").value, 200)):  # only the owner's end
+        client = restarted.test_client()
+        client.set_cookie("annotator_session", cookie)
+        assert client.get("/api/status").status_code == expected
+
+
+def test_a_sign_in_link_for_another_user_asks_for_a_click(app, tokens):
+    """Login CSRF: another site sends the owner's browser to /?token=MALLORY. The session is not replaced;
+    a page asks, and only its POST (with this session's CSRF token) switches."""
+    browser = app.test_client()
+    browser.get(f"/?token={TOKEN}")
+    page = browser.get(f"/?token={tokens['alice']}")
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and "Switch user?" in html and "alice" in html
+    assert browser.get("/whoami").get_json()["name"] == "owner"  # nothing changed yet
+    assert browser.post("/signin", data={"token": tokens["alice"]}).status_code == 403  # a cross-site form
+    assert browser.post("/signin", data={"token": tokens["alice"], "csrf_token": "forged"}).status_code == 403
+    assert browser.get("/whoami").get_json()["name"] == "owner"
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    switched = browser.post("/signin", data={"token": tokens["alice"], "csrf_token": csrf})
+    assert switched.status_code == 303 and switched.headers["Location"] == "/"
+    assert browser.get("/whoami").get_json()["name"] == "alice"
+    # the same user's link again, or a first sign-in, needs no click
+    assert "Signed in as alice" in browser.get(f"/?token={tokens['alice']}").get_data(as_text=True)
+
+
+def test_the_sign_in_page_takes_the_token_out_of_the_history_and_is_not_cached(app):
+    response = app.test_client().get(f"/?token={TOKEN}")
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200 and TOKEN not in html
+    assert response.headers["Cache-Control"] == "no-store" and response.headers["Referrer-Policy"] == "no-referrer"
+    script = re.search(r'<script src="([^"]*signin\.js)"', html).group(1)
+    source = (ROOT / "static" / "signin.js").read_text()
+    assert script.endswith("/static/signin.js")
+    assert 'history.replaceState(null, "", "/")' in source and "location.replace(next)" in source
+
+
+def test_the_database_and_its_wal_are_readable_by_the_owner_only(app):
+    import os
+    import stat
+
+    path = Path(app.extensions["annotator"].database)
+    app.test_client().get(f"/?token={TOKEN}")  # a write: the WAL exists
+    for name in (path, Path(str(path) + "-wal")):
+        assert name.exists()
+        assert stat.S_IMODE(os.stat(name).st_mode) & 0o077 == 0, (name, oct(os.stat(name).st_mode))

@@ -186,3 +186,76 @@ def test_ctrl_c_stops_the_server_and_its_worker_cleanly(tmp_path):
     server.send_signal(signal.SIGINT)
     output, _ = server.communicate(timeout=30)
     assert server.returncode == 0 and "Traceback" not in output and "terminate called" not in output
+
+
+def test_the_sign_in_link_is_url_encoded():
+    from annotator.cli import sign_in_url
+
+    assert sign_in_url("0.0.0.0", 8080, "ab&c#d") == "http://127.0.0.1:8080/?token=ab%26c%23d"
+    assert sign_in_url("::1", 5000, "a b/é") == "http://[::1]:5000/?token=a%20b%2F%C3%A9"
+
+
+def test_a_running_server_holds_its_database_and_its_links_work(tmp_path, capsys):
+    """A real `python app.py` with a token that needs encoding: the printed link signs in (the cookie is
+    named after the port), `users add` prints this server's address, and a second server on the same
+    database is refused with one line while the first keeps working."""
+    import http.cookiejar
+
+    db, port, token = str(tmp_path / "held.db"), free_port(), "ab&c#d é"
+    command = [sys.executable, "app.py", "--db", db, "--token", token, "--port", str(port), "--initial", "10",
+               "--query-size", "5", "--rounds", "2", "--epochs", "2", "--device", "cpu"]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        link = next(line.split("sign in at ")[1].strip() for line in server.stdout if "sign in at" in line)
+        assert link == f"http://127.0.0.1:{port}/?token=ab%26c%23d%20%C3%A9"
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        with opener.open(link, timeout=10) as response:
+            assert response.status == 200 and "Signed in as owner" in response.read().decode()
+        assert [cookie.name for cookie in jar] == [f"annotator_session_{port}"]
+        with opener.open(f"http://127.0.0.1:{port}/whoami", timeout=10) as response:
+            assert json.loads(response.read()) == {"name": "owner", "role": "admin"}
+
+        code, out, _ = run_cli(capsys, "users", "--db", db, "add", "ida")
+        assert code == 0 and f"sign-in link: http://127.0.0.1:{port}/?token=" in out
+
+        code, _, err = run_cli(capsys, "--db", db, "--port", str(free_port()), "--token", "other", "--device", "cpu")
+        assert code == 2 and err.count("\n") == 1 and "in use by another server" in err
+        with opener.open(f"http://127.0.0.1:{port}/whoami", timeout=10) as response:  # the first is unharmed
+            assert json.loads(response.read())["name"] == "owner"
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_the_server_closes_half_sent_connections_after_its_channel_timeout(tmp_path, digits, monkeypatch):
+    """waitress, as app.py serves: a connection that sends half a request and stops is closed after the
+    channel timeout (30 s; 1 s here), while a whole request on another connection is answered at once."""
+    import threading
+
+    from annotator import cli
+    from server_harness import count_closed, open_idle_connections
+
+    monkeypatch.setattr(cli, "CHANNEL_TIMEOUT_S", 1)
+    monkeypatch.setattr(cli, "CLEANUP_INTERVAL_S", 1)
+    config = RunConfig(dataset="digits", initial=5, query_size=3, rounds=1, epochs=2, device="cpu")
+    app = create_app({"DATABASE": str(tmp_path / "t.db"), "RUN_CONFIG": config, "DATASET": digits, "ADMIN_TOKEN": TOKEN})
+    server = cli.make_server(app, "127.0.0.1", 0)
+    assert 16 <= server.connection_limit <= cli.MAX_CONNECTIONS and server.threads >= 4
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        idle = open_idle_connections(server.server_port, 5)
+        assert call(server.server_port, "/api/status")[0] == 200
+        time.sleep(0.3)
+        assert count_closed(idle) == 0
+        deadline = time.monotonic() + 10
+        while count_closed(idle) < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert count_closed(idle) == 5
+        for sock in idle:
+            sock.close()
+    finally:
+        server.shutdown()
+    thread.join(10)
+    assert not thread.is_alive()  # shutdown() from another thread ends serve_forever

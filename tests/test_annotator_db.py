@@ -228,3 +228,74 @@ def test_the_driver_posts_rounds_with_the_strategy_and_model_version(tmp_path, d
     assert len(batch) == 6 and {b["strategy"] for b in batch} == {"entropy"} and {b["model_version"] for b in batch} == {1}
     assert all(b["score"] > 0 for b in batch)  # entropies of the picks, kept with each item
     assert driver.status.snapshot()["state"] == "waiting"
+
+
+def test_the_latest_answer_is_the_last_one_given_even_when_the_clock_steps_back(tmp_path, digits, monkeypatch):
+    """Two annotators answer one item; between the answers the clock is stepped back an hour (NTP, a
+    person). Training and the export must take the second answer, which the wall clock calls older."""
+    from annotator import db as annotator_db
+
+    make_app(tmp_path / "c.db", digits)
+    db = AnnotationDB(tmp_path / "c.db")
+    first, second = (db.user_for_token(db.add_user(name)).id for name in ("early", "late"))
+    item = db.db.execute("select item_id from batch_items where round = 0 order by position").fetchone()[0]
+    clock = [1_000_000.0]
+    monkeypatch.setattr(annotator_db, "_now", lambda: clock[0])
+    db.record_answer(first, item, 1)
+    clock[0] -= 3600
+    db.record_answer(second, item, 2)
+    assert db.training_answers(0)[1] == [2]
+    assert db.class_counts() == {2: 1}
+    latest = list(db.iter_export(digits.classes, latest_only=True))
+    assert [row["label_index"] for row in latest] == [2]
+    clock[0] -= 3600  # the first annotator corrects their answer later still, on an even earlier clock
+    assert db.record_answer(first, item, 3) == "replaced"
+    assert db.training_answers(0)[1] == [3]
+    db.close()
+
+
+def test_migration_3_orders_existing_answers_as_the_clock_did(tmp_path, digits):
+    """A version-2 database's answers get `seq` in (updated, id) order, so its latest answers stay latest."""
+    make_app(tmp_path / "m.db", digits)
+    db = AnnotationDB(tmp_path / "m.db")
+    owner = db.user_for_token(TOKEN).id
+    other = db.user_for_token(db.add_user("other")).id
+    items = [row[0] for row in db.db.execute("select item_id from batch_items where round = 0 order by position")]
+    db.record_answer(owner, items[0], 4)
+    db.record_answer(other, items[0], 5)
+    db.db.execute("update answers set updated = 10 where annotator_id = ?", [other])  # other's was earlier
+    db.db.execute("update answers set updated = 20 where annotator_id = ?", [owner])
+    db.db.execute("drop index idx_answers_seq")
+    db.db.execute("alter table answers drop column seq")
+    db.db.execute("drop table sessions")
+    db.db.execute("alter table users drop column removed")
+    db.db.execute("update meta set value = '2' where key = 'schema_version'")
+    db.close()
+    migrated = AnnotationDB(tmp_path / "m.db")
+    assert migrated.schema_version() == SCHEMA_VERSION
+    assert migrated.training_answers(0)[1] == [4]
+    assert "sessions" in migrated.db.table_names() and "removed" in migrated.db["users"].columns_dict
+    migrated.close()
+
+
+def test_an_engine_step_that_keeps_failing_stops_the_worker_instead_of_retrying_forever(tmp_path, digits):
+    import time
+
+    from annotator.worker import EngineWorker
+
+    make_app(tmp_path / "f.db", digits)
+    driver = EngineDriver(Engine(small_config(), dataset=digits), str(tmp_path / "f.db"))
+    tries = []
+
+    def failing_step():
+        tries.append(time.monotonic())
+        raise IndexError("index -1 is out of bounds for axis 0 with size 0")
+
+    driver.step = failing_step
+    worker = EngineWorker(driver)
+    worker.retry_s = 0.01
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive() and len(tries) == worker.max_failures
+    snapshot = worker.status.snapshot()
+    assert snapshot["state"] == "error" and "IndexError" in snapshot["detail"] and "stopped after" in snapshot["detail"]

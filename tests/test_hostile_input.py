@@ -80,6 +80,11 @@ API_CASES = {
     "tasks count text": ("GET", "/api/tasks?count=lots", "admin", {}, 400),
     "tasks count float": ("GET", "/api/tasks?count=1.5", "admin", {}, 400),
     "tasks count huge": ("GET", "/api/tasks?count=" + "9" * 400, "admin", {}, 400),
+    # digits that str.isdigit() accepts and int() refuses (a 500 before), or reads as a number (٣ = 3)
+    "tasks count superscript two": ("GET", "/api/tasks?count=%C2%B2", "admin", {}, 400),
+    "tasks count superscript three": ("GET", "/api/tasks?count=%C2%B3", "admin", {}, 400),
+    "tasks count circled one": ("GET", "/api/tasks?count=%E2%91%A0", "admin", {}, 400),
+    "tasks count arabic-indic three": ("GET", "/api/tasks?count=%D9%A3", "admin", {}, 400),
     "answer without token": ("POST", "/api/annotations", None, {"json": {"item_id": "{answered}", "label": 1}}, 401),
     "answer with a wrong token": ("POST", "/api/annotations", "Bearer nope",
                                   {"json": {"item_id": "{answered}", "label": 1}}, 401),
@@ -172,7 +177,6 @@ API_CASES = {
     "add user duplicate": ("POST", "/admin/users", "admin", {"data": {"name": "ann"}}, 400),
     "add user unknown role": ("POST", "/admin/users", "admin", {"data": {"name": "eve", "role": "root"}}, 400),
     "tasks checks yes": ("GET", "/api/tasks?checks=yes", "admin", {}, 400),
-    "tasks count superscript two": ("GET", "/api/tasks?count=%C2%B2", "admin", {}, 400),
     "heartbeat without token": ("POST", "/api/heartbeat", None, {}, 401),
     "answer kind unknown": ("POST", "/api/annotations", "admin", {"json": {"item_id": "{answered}", "label": 1,
                                                                           "kind": "vote"}}, 400),
@@ -193,6 +197,9 @@ API_CASES = {
     "favicon with a wrong token": ("GET", "/favicon.ico/x", None, {}, 404),
     "sign in with a wrong token": ("GET", "/?token=wrong", None, {}, 401),
     "sign in with a 5000-char token": ("GET", "/?token=" + "t" * 5000, None, {}, 401),
+    "sign-in form without token": ("POST", "/signin", None, {"data": {}}, 401),
+    "sign-in form with a wrong token": ("POST", "/signin", None, {"data": {"token": "wrong"}}, 401),
+    "sign-in form with a token as JSON": ("POST", "/signin", None, {"json": {"token": TOKEN}}, 401),
 }
 
 
@@ -391,6 +398,27 @@ def truncated_db(tmp_path: Path) -> str:
     return str(path)
 
 
+def a_file(tmp_path: Path) -> Path:
+    (tmp_path / "afile").write_text("not a folder")
+    return tmp_path / "afile"
+
+
+def a_symlink_to_an_empty_folder(tmp_path: Path) -> str:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    return str(tmp_path / "link")
+
+
+def served_then_deleted(tmp_path: Path) -> str:
+    """A database a server ran on (its lock file says so), deleted since."""
+    path = existing_db(tmp_path)
+    lock = annotator_db.ServerLock(path)
+    lock.mark_served()
+    lock.release()
+    Path(path).unlink()
+    return path
+
+
 def a_folder(tmp_path: Path) -> str:
     (tmp_path / "adir.db").mkdir()
     return str(tmp_path / "adir.db")
@@ -438,6 +466,28 @@ CLI_CASES = {
                                                              "--data-dir", str(t / "nowhere")), "does not exist"),
     "serve with an unknown strategy": (lambda t, p: serve(p, str(t / "s.db"), "--strategy", "psychic"), "invalid choice"),
     "serve with a text port": (lambda t, p: ["--port", "http"], "invalid int"),
+    "export csv under a file": (lambda t, p: ["export", "--format", "csv", "--out", str(a_file(t) / "labels.csv"),
+                                              "--db", existing_db(t)], "not a folder"),
+    "export jsonl under a file": (lambda t, p: ["export", "--format", "jsonl", "--out",
+                                                str(a_file(t) / "x" / "labels.jsonl"), "--db", existing_db(t)],
+                                  "not a folder"),
+    "export imagefolder onto a symlink": (lambda t, p: ["export", "--format", "imagefolder", "--out",
+                                                        a_symlink_to_an_empty_folder(t), "--db", existing_db(t)],
+                                          "symbolic link"),
+    "serve with seed -1": (lambda t, p: serve(p, str(t / "s.db"), "--seed", "-1"), "--seed must lie in"),
+    "simulated run with seed -1": (lambda t, p: ["--oracle", "simulated", "--seed", "-1", "--out", str(t / "r")],
+                                   "--seed must lie in"),
+    "serve with lr nan": (lambda t, p: serve(p, str(t / "s.db"), "--lr", "nan"), "--lr must be"),
+    "simulated run with lr inf": (lambda t, p: ["--oracle", "simulated", "--lr", "inf", "--out", str(t / "r")],
+                                  "--lr must be"),
+    "serve with lr 0": (lambda t, p: serve(p, str(t / "s.db"), "--lr", "0"), "--lr must be"),
+    "serve with 0 threads": (lambda t, p: serve(p, str(t / "s.db"), "--threads", "0"), "--threads"),
+    "serve on a database deleted since a server ran on it": (lambda t, p: serve(p, served_then_deleted(t)),
+                                                             "is missing"),
+    "users remove unknown": (lambda t, p: ["users", "--db", existing_db(t), "remove", "nobody"], "no user named"),
+    "users remove the owner": (lambda t, p: ["users", "--db", existing_db(t), "remove", "owner"], "start-up token"),
+    "users remove without database": (lambda t, p: ["users", "--db", str(t / "none.db"), "remove", "bob"],
+                                      "no annotator database"),
 }
 
 
@@ -462,6 +512,47 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_second_server_on_the_same_database_is_one_line_and_exit_2(tmp_path, capsys):
+    """One server per database: the first holds DB.lock (here: this process), the second is refused at
+    once, before it loads data or touches the database (which would steal the first one's token)."""
+    from server_harness import free_port
+
+    path = existing_db(tmp_path)
+    before = stored(Path(path))
+    lock = annotator_db.ServerLock(path)
+    try:
+        assert app_module.main(serve(free_port(), path, "--token", "second")) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "in use by another server" in err and "Traceback" not in err
+    assert stored(Path(path)) == before
+
+
+@pytest.mark.parametrize("code", ["EROFS", "EACCES", "ENOSPC"])
+def test_export_onto_a_read_only_or_full_place_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, code):
+    """A read-only filesystem cannot be made without privileges, and root writes anywhere: the refusal of
+    the kernel is simulated where the export creates its file."""
+    import errno
+    import os
+
+    from annotator import export as export_module
+
+    path = existing_db(tmp_path)
+    real_open = os.open
+
+    def refusing_open(name, flags, *args, **kwargs):
+        if str(name).endswith(".tmp"):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(name))
+        return real_open(name, flags, *args, **kwargs)
+
+    monkeypatch.setattr(export_module.os, "open", refusing_open)
+    assert app_module.main(["export", "--format", "csv", "--out", str(tmp_path / "out.csv"), "--db", path]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and os.strerror(getattr(errno, code)) in err, err
+    assert not list(tmp_path.glob(".out.csv.*"))
 
 
 def test_users_add_on_a_locked_database_is_one_line_and_stores_nothing(tmp_path, capsys, monkeypatch):
@@ -506,3 +597,49 @@ def test_imagefolder_export_keeps_hostile_class_and_file_names_inside_its_folder
     assert len(written) == 6 and all(p.resolve().is_relative_to(out.resolve()) for p in written)
     assert all(p.read_bytes() != secret.read_bytes() for p in written)  # encoded from the pool, not copied
     assert not (tmp_path / "escaped").exists() and len(list(out.iterdir())) == len(classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Failing storage: a lookup that raises, a database deleted under the running app
+
+
+@pytest.mark.parametrize("path", ["/api/status", "/dashboard", "/"])
+def test_a_failing_user_lookup_is_a_503_with_its_message_not_an_empty_500(ctx, monkeypatch, path):
+    def failing(*_args, **_kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    client = ctx["app"].test_client()
+    assert client.get(f"/?token={TOKEN}").status_code == 200  # a session, for the cookie path
+    monkeypatch.setattr(AnnotationDB, "user_for_token", failing)
+    monkeypatch.setattr(AnnotationDB, "user_for_session", failing)
+    for headers in (ADMIN, {}):
+        response = client.get(path, headers=headers)
+        assert response.status_code == 503, (path, headers, response.status_code)
+        body = response.get_data(as_text=True)
+        assert "disk I/O error" in body and "Traceback" not in body
+        if path.startswith("/api/"):
+            assert response.get_json() == {"error": "disk I/O error", "status": 503}
+
+
+def test_a_database_deleted_under_the_app_is_a_503_and_is_not_recreated(tmp_path, digits):
+    import time
+
+    path = tmp_path / "gone.db"
+    app = create_app({"DATABASE": str(path), "RUN_CONFIG": small_config(), "DATASET": digits, "ADMIN_TOKEN": TOKEN,
+                      "START_ENGINE": True})
+    state = app.extensions["annotator"]
+    client = app.test_client()
+    assert client.get("/api/status", headers=ADMIN).status_code == 200
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        name.unlink(missing_ok=True)
+    response = client.get("/api/status", headers=ADMIN)
+    assert response.status_code == 503 and "deleted or replaced" in response.get_json()["error"]
+    assert client.post("/api/annotations", json={"item_id": 0, "label": 1}, headers=ADMIN).status_code == 503
+    assert not path.exists()  # not silently recreated as an empty database
+    deadline = time.monotonic() + 10
+    while state.worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not state.worker.is_alive()  # the engine stopped, saying why
+    snapshot = state.status.snapshot()
+    assert snapshot["state"] == "error" and "deleted or replaced" in snapshot["detail"]
+    assert not path.exists()

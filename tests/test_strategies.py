@@ -415,3 +415,42 @@ def test_deepfool_with_a_shortlist_of_classes_steps_towards_the_likeliest_other_
     shortlist = deepfool_attack(model, image, overshoot=0.0, max_iter=5, candidate_classes=1)
     assert everything.distance.item() == pytest.approx(2.5 / np.hypot(11, 10), rel=1e-3)
     assert shortlist.distance.item() == pytest.approx(1.1 / np.sqrt(2), rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny pools: every registered strategy, on pools of 1, 2 and 3 items
+
+
+@pytest.fixture(scope="module")
+def tiny_pools(digits):
+    """For n = 1, 2, 3: a pool of the first n digits with item 0 labeled, and a model trained on it."""
+    from al_engine.config import RunConfig
+    from al_engine.engine import Engine
+
+    pools = {}
+    for size in (1, 2, 3):
+        dataset = Dataset(name=f"tiny-{size}", classes=digits.classes, train_images=digits.train_images[:size],
+                          train_labels=digits.train_labels[:size], test_images=digits.test_images[:5],
+                          test_labels=digits.test_labels[:5])
+        engine = Engine(RunConfig(dataset="digits", initial=1, query_size=1, rounds=1, epochs=1, device="cpu"),
+                        dataset=dataset)
+        engine.add_answers([0], [int(dataset.train_labels[0])], 0)
+        engine.train(0)
+        pools[size] = engine
+    return pools
+
+
+@pytest.mark.parametrize("name", strategy_names())
+def test_every_strategy_handles_pools_of_one_two_and_three_items(name, tiny_pools):
+    """`--initial 1` on 1 to 3 images: 0 to 2 items are unlabeled. Each strategy returns every unlabeled item
+    when asked for as many or more (the last batch shrinks), one when asked for one, never a labeled one,
+    and never raises (lookahead raised IndexError with one unlabeled item, and the engine retried forever)."""
+    for size, engine in tiny_pools.items():
+        unlabeled = list(range(1, size))
+        for query_size in (1, 2, 3):
+            state = engine.query_state(1)
+            indices, scores = get_strategy(name).query(state, query_size)
+            assert sorted(indices.tolist()) == unlabeled[:query_size] or (
+                query_size < len(unlabeled) and len(indices) == query_size and set(indices.tolist()) <= set(unlabeled)
+            ), (size, query_size, indices)
+            assert len(scores) == len(indices) and not np.isnan(scores).any()

@@ -165,12 +165,19 @@ class Lookahead(Strategy):
         return -distances
 
     def score(self, state: QueryState) -> np.ndarray:
+        if len(state.unlabeled_indices) < 2:  # see select: nothing is left to measure a lesson on
+            return np.zeros(len(state.unlabeled_indices))
         scores = np.full(len(state.unlabeled_indices), -np.inf)
         positions, indices = candidate_positions(state, self.round_state(state))
         scores[positions] = self.score_candidates(state, indices)
         return scores
 
     def select(self, state: QueryState, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(state.unlabeled_indices) < 2:
+            # One unlabeled item: no evaluation split can be held out to score it on, and it is the only
+            # pick anyway (a tiny pool, e.g. --initial 1 on two images).
+            self.diagnostics = {"candidates": len(state.unlabeled_indices), "evaluation": 0}
+            return np.arange(k), np.zeros(k)
         round_ = self.round_state(state)
         positions, indices = candidate_positions(state, round_)
         if self.options.batch_aware:

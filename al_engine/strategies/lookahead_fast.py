@@ -113,6 +113,8 @@ def is_certified(exact_short: np.ndarray, approximate: np.ndarray, shortlist: np
     """
     if len(shortlist) >= len(approximate):
         return True
+    if len(exact_short) == 0:  # nothing scored exactly yet: nothing is certain
+        return False
     outside = np.ones(len(approximate), dtype=bool)
     outside[shortlist] = False
     error = float(np.max(np.abs(exact_short - approximate[shortlist]))) if len(shortlist) else np.inf
