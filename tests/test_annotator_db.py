@@ -230,9 +230,10 @@ def test_the_driver_posts_rounds_with_the_strategy_and_model_version(tmp_path, d
     assert driver.status.snapshot()["state"] == "waiting"
 
 
-def test_the_latest_answer_is_the_last_one_given_even_when_the_clock_steps_back(tmp_path, digits, monkeypatch):
+def test_answers_keep_the_order_they_were_given_even_when_the_clock_steps_back(tmp_path, digits, monkeypatch):
     """Two annotators answer one item; between the answers the clock is stepped back an hour (NTP, a
-    person). Training and the export must take the second answer, which the wall clock calls older."""
+    person). The training label breaks the tie by the earliest answer given (the first, which the wall
+    clock calls newer), and the export's latest answer is the second, which the clock calls older."""
     from annotator import db as annotator_db
 
     make_app(tmp_path / "c.db", digits)
@@ -244,8 +245,8 @@ def test_the_latest_answer_is_the_last_one_given_even_when_the_clock_steps_back(
     db.record_answer(first, item, 1)
     clock[0] -= 3600
     db.record_answer(second, item, 2)
-    assert db.training_answers(0)[1] == [2]
-    assert db.class_counts() == {2: 1}
+    assert db.training_answers(0)[1] == [1]  # majority of 1 vs 1: the earliest given
+    assert db.class_counts() == {1: 1}
     latest = list(db.iter_export(digits.classes, latest_only=True))
     assert [row["label_index"] for row in latest] == [2]
     clock[0] -= 3600  # the first annotator corrects their answer later still, on an even earlier clock
