@@ -1117,18 +1117,23 @@ class AnnotationDB:
     EXPORT_FIELDS = ("item", "pool_index", "file_name", "label", "label_index", "annotator", "time",
                      "time_taken_ms", "round", "strategy", "score", "model_version", "source")
 
-    def iter_export(self, classes: list[str], latest_only: bool = False, chunk: int = 1000) -> Iterator[dict]:
+    def iter_export(self, classes: list[str], latest_only: bool = False, chunk: int = 1000,
+                    training_labels: bool = False) -> Iterator[dict]:
         """Every non-skip answer, streamed in chunks from one read snapshot so that 100k answers never sit
         in memory at once; `source` says how it came (batch, check: a second opinion, review: a correction).
-        With latest_only (the image-folder tree), one answer per item: the first that carries the item's
-        training label (`decide_labels`: a correction, else the majority)."""
+        One answer per item instead: with latest_only the last one given (by `seq`, never the clock); with
+        training_labels (the image-folder tree) the first that carries the item's training label
+        (`decide_labels`: a correction, else the majority)."""
         sql = ("select a.id, a.item_id, i.file_name, a.label, u.name, a.updated, a.time_taken_ms, a.round, "
-               "a.strategy, a.score, a.model_version, a.source from answers a join items i on i.id = a.item_id "
+               "a.strategy, a.score, a.model_version, a.source, a.seq from answers a join items i on i.id = a.item_id "
                "join users u on u.id = a.annotator_id where a.label >= 0")
+        if latest_only:
+            sql = (f"select * from (select *, row_number() over (partition by item_id order by seq desc, id desc)"
+                   f" as latest from ({sql})) where latest = 1")
         cursor = self.db.conn.cursor()
         cursor.execute("BEGIN")  # one read snapshot for the whole stream
         try:
-            decided = self.decide_labels(self._votes(), len(classes) or None) if latest_only else None
+            decided = self.decide_labels(self._votes(), len(classes) or None) if training_labels else None
             written: set[int] = set()
             cursor.execute(sql + " order by 2, 1")
             while True:

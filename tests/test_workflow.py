@@ -434,8 +434,10 @@ def test_the_image_folder_export_holds_the_training_label_and_the_csv_says_where
         headers, _ = user(app, name)
         client.post("/api/annotations", json={"item_id": item, "label": label}, headers=headers)
     db = app.extensions["annotator"].driver.db
-    tree = [row for row in db.iter_export([str(d) for d in range(10)], latest_only=True) if row["item"] == item]
-    assert [row["label_index"] for row in tree] == [1]  # was the latest answer, 2
+    tree = [row for row in db.iter_export([str(d) for d in range(10)], training_labels=True) if row["item"] == item]
+    assert [row["label_index"] for row in tree] == [1]  # the tree took the latest answer, 2
+    latest = [row for row in db.iter_export([str(d) for d in range(10)], latest_only=True) if row["item"] == item]
+    assert [row["label_index"] for row in latest] == [2]
     lines = client.get("/api/export?format=csv", headers=ADMIN).get_data(as_text=True).splitlines()
     assert lines[0].endswith(",source") and all(line.endswith(",batch") for line in lines[1:])
 
