@@ -467,3 +467,38 @@ def test_at_the_end_of_a_batch_the_others_check_its_answered_items(make):
     source = app.extensions["annotator"].driver.db.db.execute(
         "select source from answers where item_id = ? and label = 6", [held[0]]).fetchone()[0]
     assert source == "check"
+
+
+def test_concurrent_annotators_with_overlap_two_lose_nothing_and_never_answer_twice(make):
+    import threading
+
+    from collections import Counter
+
+    app = make(OVERLAP=2, RUN_CONFIG=config(initial=30))
+    path = app.extensions["annotator"].database
+    people = [user(app, f"p{i}")[1] for i in range(4)]
+    given, errors = [], []
+
+    def annotate(person: int) -> None:
+        db = AnnotationDB(path, setup=False)
+        try:
+            while items := db.lease_tasks(person, 2):
+                for item in items:
+                    db.record_answer(person, item, item % 10)
+                    given.append((person, item))
+        except Exception as error:  # surfaced below
+            errors.append(error)
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=annotate, args=(person,)) for person in people]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert len(given) == len(set(given)) == 60  # 30 items x 2, no (person, item) twice
+    assert set(Counter(item for _, item in given).values()) == {2}
+    db = app.extensions["annotator"].driver.db
+    stored = db.db.execute("select annotator_id, item_id from answers").fetchall()
+    assert sorted(stored) == sorted(given) and db.batch_progress()["remaining"] == 0
