@@ -3,6 +3,7 @@
     python app.py                                  serve the annotator (human oracle)
     python app.py --oracle simulated --out DIR     run a benchmark unattended
     python app.py bench --strategies a,b --seeds 0,1,2 --out DIR
+    python app.py pretrain --dataset D --model M --out weights.pt   self-supervised weights (SimCLR)
     python app.py export --format csv|jsonl|imagefolder --out PATH
     python app.py users add NAME [--role annotator|admin]
     python app.py users remove NAME
@@ -18,7 +19,7 @@ import argparse
 import dataclasses
 import sys
 
-SUBCOMMANDS = ("bench", "export", "strategies", "users")
+SUBCOMMANDS = ("bench", "export", "import", "pretrain", "strategies", "users")
 # The default query strategy: margin, an active one (random is not active learning). On this project's
 # Fashion-MNIST bench it beats random by +0.0105 AULC over 5 seeds (tied best with BADGE), and it costs one
 # forward pass over the pool, so the next batch is ready seconds after the last answer (docs/annotator.md).
@@ -96,9 +97,19 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune", action="store_true", help="torchvision model: train the whole network")
     parser.add_argument("--embed-dim", type=int, default=None,
                         help="width of the penultimate feature (default: 50; 256 for a torchvision model's head)")
-    parser.add_argument("--initial", type=int, default=100, help="size of the random initial labeled set")
+    parser.add_argument("--initial", type=int, default=100, help="size of the initial labeled set")
+    parser.add_argument("--initial-strategy", default="random", choices=["random", "typiclust"],
+                        help="how the initial set is chosen without a model: seeded random (default), or typiclust: "
+                             "the most typical item of each k-means cluster of the backbone's features (--weights), "
+                             "else of the pixels")
     parser.add_argument("--query-size", type=int, default=100, help="items per queried batch")
+    parser.add_argument("--query-sizes", type=int_list, metavar="A,B,C",
+                        help="simulated runs and bench: a batch size per round (e.g. 10,30,50,100,300 takes 10 initial "
+                             "labels to 20, 50, 100, 200, 500); sets --rounds to its length")
     parser.add_argument("--rounds", type=int, default=10, help="number of queried batches")
+    parser.add_argument("--audit-fraction", type=float, default=0.0, metavar="F",
+                        help="share of each batch drawn uniformly at random from the unlabeled pool and marked: their "
+                             "answers estimate the model's accuracy without a test set (95%% Wilson interval)")
     parser.add_argument("--train-preset", default="saturate", choices=sorted(TRAIN_PRESETS), metavar="NAME",
                         help=f"one of {', '.join(sorted(TRAIN_PRESETS))}")
     parser.add_argument("--epochs", type=int, help="cap on training epochs (overrides the preset)")
@@ -301,6 +312,53 @@ def command_bench(argv: list[str]) -> int:
     return 1 if result.failures else 0
 
 
+def build_pretrain_parser() -> argparse.ArgumentParser:
+    from al_engine.backbones import backbone_names
+    from al_engine.models import model_names
+    from al_engine.pretrain import PretrainConfig
+
+    defaults = PretrainConfig()
+    parser = OneLineParser(prog="app.py pretrain",
+                           description="Self-supervised pretraining (SimCLR) on the pool's images, no labels; "
+                                       "the output loads with --weights FILE for the same --model.")
+    add_data_arguments(parser)
+    parser.add_argument("--model", default="auto", choices=[n for n in model_names() if n != "head"] + backbone_names(),
+                        metavar="NAME", help="the network to pretrain: a project network (default auto: small-cnn "
+                                             "for grey images) or a torchvision model (resnet18, ...)")
+    parser.add_argument("--embed-dim", type=int, default=None, help="project networks: width of the feature (default 50)")
+    parser.add_argument("--out", required=True, help="state-dict file to write (OUT.ckpt beside it: a rerun continues)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"passes over the pool (default {defaults.epochs})")
+    parser.add_argument("--time-budget", type=float, metavar="S",
+                        help="stop after S seconds of this invocation (the checkpoint lets a rerun continue)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam step size")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="NT-Xent temperature")
+    parser.add_argument("--projection-dim", type=int, default=defaults.projection_dim)
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="horizontal flips in the views (default: where the dataset says flips keep the class)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def command_pretrain(argv: list[str]) -> int:
+    import json
+
+    from al_engine.pretrain import PretrainConfig, pretrain
+
+    args = build_pretrain_parser().parse_args(argv)
+    config = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)
+                               if hasattr(args, f.name)})
+    result = pretrain(config, progress=not args.no_progress)
+    state = "finished" if result.finished else "stopped by --time-budget (rerun to continue)"
+    last = f", last epoch loss {result.losses[-1]:.4f}" if result.losses else ""
+    print(f"pretrain {result.method}: {result.epochs_done} epochs, {result.seconds:.1f} s, {state}{last}; "
+          f"weights in {result.out} ({result.feature_dim}-d features)")
+    print(json.dumps(dataclasses.asdict(result)))
+    return 0
+
+
 def command_export(argv: list[str]) -> int:
     from annotator.cli import export_command
 
@@ -343,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     handlers = {"bench": command_bench, "export": command_export, "import": command_import,
+                "pretrain": command_pretrain,
                 "strategies": command_strategies, "users": command_users}
     try:
         if argv and argv[0] in handlers:

@@ -49,16 +49,47 @@ def backbone_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def is_project_model(model: str) -> bool:
+    """A network of models.MODELS (or "auto", which picks one by the image shape)."""
+    return model == "auto" or model in MODELS
+
+
+def project_weights_file(model: str, weights: str | None) -> bool:
+    """Whether `--weights` for `model` is a state dict of a project network (what `app.py pretrain`
+    writes for one): any weights file for a project-only name, and for `resnet18`, the name both
+    share, a file holding the project network's `fc_embed` layer (torchvision's has none)."""
+    if not weights or weights.lower() == "none" or not is_project_model(model) or model == "head":
+        return False
+    if model not in backbone_names():
+        return True
+    if not _looks_like_path(weights) or not Path(weights).expanduser().is_file():
+        return False
+    return "fc_embed.weight" in _load_state_file(Path(weights).expanduser())
+
+
 def model_mode(model: str, weights: str | None, finetune: bool) -> str:
     """How `--model/--weights/--finetune` are served: "project" (a network of models.MODELS trained from
-    scratch), "frozen" (a torchvision backbone's cached features + a head) or "finetune" (the whole
-    torchvision network trained). `resnet18` without --weights or --finetune stays the project's
-    CIFAR-style ResNet-18, as before; with either it is torchvision's."""
+    scratch, or from a project weights file with --finetune), "frozen" (a backbone's cached features +
+    a head: a torchvision backbone, or a project network's embed() from a weights file) or "finetune"
+    (the whole torchvision network trained). `resnet18` without --weights or --finetune stays the
+    project's CIFAR-style ResNet-18, as before; with a weights file that holds the project network
+    (see `project_weights_file`) it is the project's, otherwise torchvision's."""
     torchvision_name = model in backbone_names()
+    has_weights = bool(weights) and weights.lower() != "none"
+    if has_weights and is_project_model(model) and model != "head" and not torchvision_name:
+        if not _looks_like_path(weights):
+            raise ConfigError(f"--weights for the project network {model!r} must be a state-dict file "
+                              f"(e.g. one written by `app.py pretrain`), got {weights!r}")
+        if not Path(weights).expanduser().is_file():
+            raise ConfigError(f"weights file {weights!r} not found")
+    if project_weights_file(model, weights):
+        return "project" if finetune else "frozen"
     if (weights or finetune) and not torchvision_name:
         flag = "--weights" if weights else "--finetune"
+        hint = (" or a project network with --weights FILE" if flag == "--finetune" and is_project_model(model)
+                else "")
         raise ConfigError(f"{flag} needs a torchvision model for --model (e.g. resnet18, efficientnet_b0, "
-                          f"convnext_tiny, vit_b_16), got {model!r}")
+                          f"convnext_tiny, vit_b_16){hint}, got {model!r}")
     if not weights and not finetune and (model == "auto" or model in MODELS):
         return "project"
     if not torchvision_name:
@@ -67,11 +98,25 @@ def model_mode(model: str, weights: str | None, finetune: bool) -> str:
     return "frozen" if weights and not finetune else "finetune"
 
 
+def project_weights_width(path: str | Path) -> int:
+    """The feature width (`fc_embed`'s output) of a project network's weights file."""
+    state = _load_state_file(Path(path).expanduser())
+    if "fc_embed.weight" not in state:
+        raise ConfigError(f"weights file {str(path)!r} holds no project network (no fc_embed layer)")
+    return int(state["fc_embed.weight"].shape[0])
+
+
 def model_defaults(model: str, weights: str | None, finetune: bool) -> dict:
     """`--image-size` and `--embed-dim` when the command line leaves them unsaid: the project's
-    networks take 32 px and a 50-d feature; a torchvision model the size its weights were trained at
-    (224 without weights) and the head's 256-d feature."""
-    if model_mode(model, weights, finetune) == "project":
+    networks take 32 px and a 50-d feature (from a weights file fine-tuned: the file's width); a
+    frozen backbone (torchvision, or a project network's weights file) the head's 256-d feature, and
+    a torchvision model the size its weights were trained at (224 without weights)."""
+    mode = model_mode(model, weights, finetune)
+    if project_weights_file(model, weights):
+        if mode == "project":
+            return {"image_size": 32, "embed_dim": project_weights_width(weights)}
+        return {"image_size": 32, "embed_dim": FeatureHead.default_embed_dim}
+    if mode == "project":
         return {"image_size": 32, "embed_dim": 50}
     return {"image_size": resolve_weights(model, weights).image_size, "embed_dim": FeatureHead.default_embed_dim}
 
@@ -189,11 +234,12 @@ class Backbone:
     weights_key: str  # what identifies the weights in cache keys: "none", the enum and URL, or the file's sha256
     removed: list[str] = field(default_factory=list)  # names of the modules taken out (classifier, aux heads)
     accepted_sizes: set = field(default_factory=set)  # sides, in pixels, a forward pass was checked at
+    channels: int = 3  # channels the module takes (torchvision: 3, grey images repeated; a project network its own)
 
     def check_size(self, side: int) -> None:
         """ConfigError unless the module takes (side x side) images (checked once per side)."""
         if side not in self.accepted_sizes:
-            check_input_size(self.module, self.name, side, self.recommended_size)
+            check_input_size(self.module, self.name, side, self.recommended_size, self.channels)
             self.accepted_sizes.add(side)
 
 
@@ -238,14 +284,14 @@ def _get_model(name: str, **kwargs) -> nn.Module:
         return get_model(name, **kwargs)
 
 
-def check_input_size(module: nn.Module, name: str, side: int, recommended: int) -> int:
-    """One forward pass of a (1, 3, side, side) zero image: the feature width, or a ConfigError if it fails."""
+def check_input_size(module: nn.Module, name: str, side: int, recommended: int, channels: int = 3) -> int:
+    """One forward pass of a (1, channels, side, side) zero image: the feature width, or a ConfigError if it fails."""
     was_training = module.training
     module.eval()
     try:
         with torch.inference_mode():
             device = next(module.parameters()).device
-            out = module(torch.zeros(1, 3, side, side, device=device))
+            out = module(torch.zeros(1, channels, side, side, device=device))
     except Exception as error:
         reason = " ".join(str(error).split())[:160]
         raise ConfigError(f"{name} cannot take {side}x{side} images ({type(error).__name__}: {reason}); "
@@ -294,10 +340,66 @@ def build_backbone(name: str, weights: str | None = None, image_size: int | None
                     removed=removed, accepted_sizes={side})
 
 
-def _prepared(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, S, S) -> float32 normalised (B, 3, S, S); grey images are repeated to three channels."""
+class ProjectTrunk(nn.Module):
+    """A project network's trunk as a backbone module: normalised images -> `embed(x)` (B, embed_dim)."""
+
+    def __init__(self, network: FeatureClassifier):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network.embed(x)
+
+
+def load_project_network(model: str, weights: str | Path, image_shape: tuple[int, int, int],
+                         num_classes: int) -> FeatureClassifier:
+    """A project network (`model`, "auto" picked by the image shape) with a weights file's trunk
+    loaded (the file's width decides embed_dim; its classifier layer, if any, is left fresh)."""
+    from .models import build_model, default_model_name
+
+    path = Path(weights).expanduser()
+    name = default_model_name(image_shape) if model == "auto" else model
+    state = _load_state_file(path)
+    width = project_weights_width(path)
+    try:
+        network = build_model(name, image_shape, num_classes, width)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    own = {k: v for k, v in network.state_dict().items() if not k.startswith("fc_out.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc_out.")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    reshaped = sorted(k for k in own if k in state and own[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        parts = [f"{len(found)} {what} (e.g. {_examples(found)})" for found, what in (
+            (missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape")) if found]
+        raise ConfigError(f"weights file {str(path)!r} does not fit {name} on {image_shape[1]}x{image_shape[2]} "
+                          f"images with {image_shape[0]} channel(s): {'; '.join(parts)}")
+    network.load_state_dict(state, strict=False)
+    return network
+
+
+def build_project_backbone(model: str, weights: str | Path, dataset: Dataset) -> Backbone:
+    """A project network's trunk from a weights file (e.g. `app.py pretrain`'s) as a frozen backbone:
+    its features are `embed(x)` of the images normalised with the pool's channel statistics (as the
+    network was trained, and as `app.py pretrain` normalises them)."""
+    from .models import default_model_name
+
+    path = Path(weights).expanduser()
+    network = load_project_network(model, path, dataset.image_shape, max(dataset.num_classes, 1))
+    network.eval()
+    name = default_model_name(dataset.image_shape) if model == "auto" else model
+    side = dataset.image_shape[-1]
+    return Backbone(name=name, module=ProjectTrunk(network), feature_dim=network.embed_dim,
+                    mean=tuple(dataset.mean), std=tuple(dataset.std), image_size=side, recommended_size=side,
+                    weights=str(weights), weights_key=f"file:sha256:{_file_digest(path)}", removed=["fc_out"],
+                    accepted_sizes={side}, channels=dataset.image_shape[0])
+
+
+def _prepared(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """uint8 (B, C, S, S) -> float32 normalised (B, channels, S, S); grey images are repeated to three
+    channels for a module that takes three."""
     values = images.float() / 255.0
-    if values.shape[1] == 1:
+    if values.shape[1] == 1 and channels == 3:
         values = values.expand(-1, 3, -1, -1)
     return (values - mean) / std
 
@@ -318,15 +420,15 @@ def iter_features(backbone: Backbone, images: torch.Tensor, rows: Sequence[int],
     module.to(device).eval()
     if convolutional:
         module.to(memory_format=torch.channels_last)
-    mean = torch.tensor(backbone.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(backbone.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(backbone.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     rows = np.asarray(rows, dtype=np.int64)
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             # Inference mode per batch, not around the yield: the caller's code must not run in it.
             with torch.inference_mode():
-                batch = _prepared(images[torch.as_tensor(chunk)].to(device), mean, std)
+                batch = _prepared(images[torch.as_tensor(chunk)].to(device), mean, std, backbone.channels)
                 if convolutional:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 features = module(batch).flatten(1).float().cpu()

@@ -13,6 +13,9 @@ from .errors import ConfigError
 from .train import TrainConfig, train_preset
 
 
+INITIAL_STRATEGIES = ("random", "typiclust")
+
+
 @dataclass
 class RunConfig:
     """Every setting of one run; written to config.json."""
@@ -31,9 +34,12 @@ class RunConfig:
     embed_dim: int = 50  # width of the penultimate feature
     strategy: str = "random"
     strategy_options: dict = field(default_factory=dict)
-    initial: int = 100  # size of the seeded random initial labeled set
+    initial: int = 100  # size of the initial labeled set
+    initial_strategy: str = "random"  # how it is chosen: random (seeded) or typiclust (cold start, no model)
     query_size: int = 100  # items per queried batch
+    query_sizes: list[int] | None = None  # per-round batch sizes (a schedule); sets `rounds` to its length
     rounds: int = 10  # number of queried batches
+    audit_fraction: float = 0.0  # share of each batch drawn uniformly at random (the accuracy estimate)
     seed: int = 0
     train_preset: str = "saturate"
     epochs: int | None = None  # overrides the preset's epoch cap
@@ -44,7 +50,24 @@ class RunConfig:
     oracle_noise: float = 0.0  # probability that the simulated oracle answers a wrong class
     out: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.query_sizes:
+            self.query_sizes = [int(size) for size in self.query_sizes]
+            self.rounds = len(self.query_sizes)
+
+    def batch_size(self, round_index: int) -> int:
+        """Items queried after round `round_index`: the schedule's entry, else --query-size."""
+        if self.query_sizes:
+            return self.query_sizes[min(round_index, len(self.query_sizes) - 1)]
+        return self.query_size
+
     def validate(self) -> None:
+        if self.query_sizes is not None and any(size < 1 for size in self.query_sizes):
+            raise ConfigError(f"--query-sizes must all be at least 1, got {self.query_sizes}")
+        if self.initial_strategy not in INITIAL_STRATEGIES:
+            raise ConfigError(f"--initial-strategy {self.initial_strategy!r}; choose from: {', '.join(INITIAL_STRATEGIES)}")
+        if not 0.0 <= self.audit_fraction < 1.0:
+            raise ConfigError(f"--audit-fraction must lie in [0, 1), got {self.audit_fraction}")
         if self.query_size < 1:
             raise ConfigError(f"--query-size must be at least 1, got {self.query_size}")
         if self.rounds < 0:
@@ -64,6 +87,8 @@ class RunConfig:
 
     def planned_labels(self) -> int:
         """Items the plan asks for: the initial set and every round's batch."""
+        if self.query_sizes:
+            return self.initial + sum(self.query_sizes)
         return self.initial + self.rounds * self.query_size
 
     def check_plan(self, pool_size: int) -> None:
@@ -71,6 +96,9 @@ class RunConfig:
         if self.initial > pool_size:
             raise ConfigError(f"--initial {self.initial} is larger than the pool ({pool_size} items)")
         planned = self.planned_labels()
+        if planned > pool_size and self.query_sizes:
+            raise ConfigError(f"the plan needs {planned} items (--initial {self.initial} + --query-sizes "
+                              f"{','.join(map(str, self.query_sizes))}) but the pool has {pool_size}")
         if planned > pool_size:
             fits = max((pool_size - self.initial) // self.query_size, 0)
             raise ConfigError(

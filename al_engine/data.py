@@ -644,6 +644,14 @@ class Pool:
         rng = np.random.default_rng(seed)
         return np.sort(rng.choice(self.size, size=count, replace=False))
 
+    def hiding(self, indices) -> "Pool":
+        """A view of this pool (shared arrays) whose `unlabeled_indices` leave out `indices`: what a
+        strategy sees while the batch's audit items are set aside."""
+        view = _HidingPool.__new__(_HidingPool)
+        view.size, view.labels, view.label_round = self.size, self.labels, self.label_round
+        view.hidden = np.asarray(indices, dtype=np.int64)
+        return view
+
     def to_dict(self) -> dict:
         labeled = self.labeled_indices
         return {
@@ -660,6 +668,16 @@ class Pool:
         pool.labels[indices] = np.asarray(state["labels"], dtype=np.int64)
         pool.label_round[indices] = np.asarray(state["rounds"], dtype=np.int64)
         return pool
+
+
+class _HidingPool(Pool):
+    """`Pool.hiding`'s view: the same labels, fewer unlabeled candidates."""
+
+    hidden: np.ndarray
+
+    @property
+    def unlabeled_indices(self) -> np.ndarray:
+        return np.setdiff1d(np.flatnonzero(self.labels < 0), self.hidden, assume_unique=True)
 
 
 def default_data_root() -> Path:

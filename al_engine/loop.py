@@ -38,6 +38,13 @@ class RoundMetrics:
     strategy: str
     seed: int
     epochs: int = 0  # training epochs run
+    # Without a test set (estimate.py): the audit items of the batch this round's model chose, answered,
+    # against its predictions made before it trained on them: {n, correct, accuracy, low, high} (95%
+    # Wilson interval); None when the round had no audit items.
+    audit: dict | None = None
+    kappa: float | None = None  # stopping signal: Cohen's kappa with the last round's predictions on the stop set
+    kappa_mean: float | None = None  # mean kappa of the last three rounds (None before three)
+    stop: bool = False  # kappa_mean reached 0.99: predictions have stabilised (Bloodgood & Vijay-Shanker 2009)
 
 
 def run_simulation(config: RunConfig, oracle_factory: Callable[[Dataset, RunConfig], Oracle],
@@ -70,13 +77,19 @@ def run_simulation(config: RunConfig, oracle_factory: Callable[[Dataset, RunConf
     for round_index in range(start_round, config.rounds + 1):
         accuracy, train_s, epochs = engine.train(round_index)
         metrics = RoundMetrics(round_index, engine.pool.num_labeled, accuracy, round(train_s, 3), 0.0,
-                               config.strategy, config.seed, epochs)
+                               config.strategy, config.seed, epochs, **engine.stability())
         last, query_line = round_index == config.rounds, None
         if not last and len(engine.pool.unlabeled_indices):
             indices, scores, query_s = engine.query(round_index)
-            engine.add_answers(indices, oracle.answer(indices, round_index), round_index)
+            answers = oracle.answer(indices, round_index)
+            audit = engine.last_audit
+            if len(audit):  # estimated before the model trains on them
+                metrics.audit = engine.audit_estimate(audit, answers[np.isin(indices, audit)])
+            engine.add_answers(indices, answers, round_index)
             metrics.query_s = round(query_s, 3)
             query_line = {"round": round_index, "indices": indices.tolist(), "scores": [float(s) for s in scores]}
+            if len(audit):
+                query_line["audit"] = audit.tolist()
             if engine.strategy.diagnostics:
                 query_line["diagnostics"] = json_safe(engine.strategy.diagnostics)
         files.append_round(asdict(metrics), query_line)

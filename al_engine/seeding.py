@@ -40,6 +40,9 @@ class Stream(IntEnum):
     CANDIDATE_SUBSAMPLE = 5005  # lookahead: candidate_size subsample
     STEP_SAMPLE = 5007  # lookahead: the labeled items that measure the automatic step size
     TRUNK_DIRECTIONS = 5011  # lookahead full-fast: the candidates that give the trunk's principal directions
+    AUDIT = 6001  # the audit sample of each batch (uniform over the unlabeled pool)
+    STOP_SET = 6002  # the stopping signal's fixed stop set (round 0 only)
+    COLD_START = 6003  # --initial-strategy typiclust: k-means' starts of the cold-start batch
     # Draws that predate named streams and mix in no salt (their keys are kept so that picks stay).
     INITIAL_SET = -1  # the seeded random initial labeled set: key [seed]
     UNTRAINED_BATCH = -2  # the annotator's random batch when nothing is labeled yet: key [seed, round]

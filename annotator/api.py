@@ -245,8 +245,11 @@ def item_image(item_id: int):
 @bp.get("/rounds")
 @require_user()
 def rounds():
-    return jsonify(rounds=[{k: r[k] for k in ("round", "state", "strategy", "query_size", "labeled", "accuracy",
-                                              "train_s", "query_s", "epochs")} for r in get_db().rounds()])
+    db = get_db()
+    audit = {e["round"]: e for e in db.audit_estimates()}
+    return jsonify(rounds=[{**{k: r[k] for k in ("round", "state", "strategy", "query_size", "labeled", "accuracy",
+                                                 "train_s", "query_s", "epochs", "kappa", "kappa_mean")},
+                            "stop": bool(r["stop"]), "audit": audit.get(r["round"])} for r in db.rounds()])
 
 
 @bp.get("/export")

@@ -16,7 +16,9 @@ Tables (schema version 6; MIGRATIONS below bring older files up to date):
                model trained once the batch was answered (the learning curve)
   items        every pool item that ever entered a batch (pool index, file name)
   batch_items  which items a round's batch holds, in pick order, with the strategy, score and
-               model version that chose each
+               model version that chose each; audit items (`--audit-fraction`, drawn uniformly at
+               random) have strategy "audit", audit = 1 and `predicted`, the class the model that
+               posted the batch predicted before anyone answered (the accuracy estimate's input)
   answers      one row per (item, annotator, round); label -1 records a skip; `seq` orders them
                (a counter, not the clock: a clock stepped back never makes an older answer the latest);
                `source` says how it came: "batch" (the open batch), "check" (a blind second opinion
@@ -302,9 +304,24 @@ def _migrate_to_3(db: sqlite_utils.Database) -> None:
     db["answers"].create_index(["seq"], if_not_exists=True)
 
 
+
+
+def _migrate_to_5(db: sqlite_utils.Database) -> None:
+    # Cold start: audit items and their predictions; the stopping signal per trained round. Idempotent.
+    batch_columns = db["batch_items"].columns_dict
+    if "audit" not in batch_columns:
+        db.execute("alter table batch_items add column audit integer not null default 0")
+    if "predicted" not in batch_columns:
+        db.execute("alter table batch_items add column predicted integer")
+    round_columns = db["rounds"].columns_dict
+    for name, kind in (("kappa", "real"), ("kappa_mean", "real"), ("stop", "integer")):
+        if name not in round_columns:
+            db.execute(f"alter table rounds add column {name} {kind}")
+
+
 MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3,
               4: _migrate_to_4,
-              5: _reserved,  # reserved: cold-start's migration
+              5: _migrate_to_5,
               6: _migrate_to_6}
 
 
@@ -612,26 +629,32 @@ class AnnotationDB:
         return self.get_meta("finished") == "1"
 
     def create_round(self, round_index: int, item_ids: list[int], scores: list[float], strategy: str,
-                     model_version: int, file_names: list[str | None] | None = None) -> None:
-        """Post a new batch (state `labeling`); refuses when a batch is still open."""
+                     model_version: int, file_names: list[str | None] | None = None,
+                     audit: list[int | None] | None = None) -> None:
+        """Post a new batch (state `labeling`); refuses when a batch is still open. `audit`, per item, is
+        None for the strategy's picks and the model's predicted class for an audit item."""
         with self.transaction():
-            self._insert_round(round_index, item_ids, scores, strategy, model_version, file_names)
+            self._insert_round(round_index, item_ids, scores, strategy, model_version, file_names, audit)
 
     def _insert_round(self, round_index: int, item_ids: list[int], scores: list[float], strategy: str,
-                      model_version: int, file_names: list[str | None] | None = None) -> None:
+                      model_version: int, file_names: list[str | None] | None = None,
+                      audit: list[int | None] | None = None) -> None:
         file_names = file_names or [None] * len(item_ids)
+        audit = audit or [None] * len(item_ids)
         current = self.current_round()
         if current is not None and (current["state"] == "labeling" or current["round"] >= round_index):
             raise Conflict(f"round {current['round']} is {current['state']}; cannot post round {round_index}")
         self.db.execute("insert into rounds(round, state, strategy, model_version, query_size, created) "
                         "values (?, 'labeling', ?, ?, ?, ?)",
                         [round_index, strategy, model_version, len(item_ids), _now()])
-        for position, (item_id, score, file_name) in enumerate(zip(item_ids, scores, file_names)):
+        for position, (item_id, score, file_name, predicted) in enumerate(zip(item_ids, scores, file_names, audit)):
             self.db.execute("insert into items(id, file_name) values (?, ?) on conflict(id) do nothing",
                             [int(item_id), file_name])
-            self.db.execute("insert into batch_items(round, item_id, position, strategy, score, model_version) "
-                            "values (?, ?, ?, ?, ?, ?)",
-                            [round_index, int(item_id), position, strategy, float(score), model_version])
+            self.db.execute("insert into batch_items(round, item_id, position, strategy, score, model_version, "
+                            "audit, predicted) values (?, ?, ?, ?, ?, ?, ?, ?)",
+                            [round_index, int(item_id), position, "audit" if predicted is not None else strategy,
+                             float(score), model_version, int(predicted is not None),
+                             None if predicted is None else int(predicted)])
 
     def overlap(self) -> int:
         """How many different annotators answer each item before it counts as done (--overlap)."""
@@ -662,16 +685,20 @@ class AnnotationDB:
             return True
 
     def record_training(self, round_index: int, labeled: int, accuracy: float | None, train_s: float,
-                        query_s: float, epochs: int, next_batch: dict | None, engine_state: str | None = None) -> None:
+                        query_s: float, epochs: int, next_batch: dict | None, engine_state: str | None = None,
+                        stability: dict | None = None) -> None:
         """Store the metrics of the model trained on rounds <= round_index, and post the next batch
         in the same transaction (or mark the run finished when there is none), with the engine's
-        cross-round state (JSON text: strategy state, warm-start weights) that a restart restores."""
+        cross-round state (JSON text: strategy state, warm-start weights) that a restart restores.
+        `stability` is the stopping signal ({kappa, kappa_mean, stop}, al_engine/estimate.py)."""
+        stability = stability or {}
         with self.transaction():
             if engine_state is not None:
                 self._set_meta("engine_state", engine_state)
             self.db.execute("update rounds set state = 'trained', labeled = ?, accuracy = ?, train_s = ?, "
-                            "query_s = ?, epochs = ?, trained = ? where round = ?",
-                            [labeled, accuracy, train_s, query_s, epochs, _now(), round_index])
+                            "query_s = ?, epochs = ?, trained = ?, kappa = ?, kappa_mean = ?, stop = ? where round = ?",
+                            [labeled, accuracy, train_s, query_s, epochs, _now(), stability.get("kappa"),
+                             stability.get("kappa_mean"), int(bool(stability.get("stop"))), round_index])
             if next_batch is None:
                 self._set_meta("finished", "1")
             else:
@@ -736,6 +763,28 @@ class AnnotationDB:
         return self.db.execute(
             "select count(*) from batch_items b where b.round = ? and (select count(*) from answers a "
             "where a.item_id = b.item_id and a.round = b.round) < ?", [round_index, self.overlap()]).fetchone()[0]
+
+    def audit_estimates(self) -> list[dict]:
+        """Per model (the round whose trained model posted a batch with audit items): its accuracy on
+        the answered audit items, predicted before anyone answered them, with the 95% Wilson interval:
+        {round, labeled, n, correct, accuracy, low, high}. The answer counted is an item's latest
+        non-skip answer in its batch's round."""
+        from al_engine.estimate import audit_estimate
+
+        rows = self.db.execute(
+            "select b.round, b.predicted, ("
+            "  select a.label from answers a where a.item_id = b.item_id and a.round = b.round and a.label >= 0"
+            "  order by a.seq desc limit 1) "
+            "from batch_items b where b.audit = 1 order by b.round, b.position").fetchall()
+        labeled = {r["round"]: r["labeled"] for r in self.rounds()}
+        estimates = []
+        for batch_round in sorted({row[0] for row in rows}):
+            chosen = [row for row in rows if row[0] == batch_round]
+            answers = [row[2] if row[2] is not None else SKIP for row in chosen]
+            estimate = audit_estimate([row[1] for row in chosen], answers)
+            if estimate is not None:
+                estimates.append({"round": batch_round - 1, "labeled": labeled.get(batch_round - 1), **estimate})
+        return estimates
 
     def batch_progress(self) -> dict:
         current = self.current_round()

@@ -113,7 +113,7 @@ def learning_curve(rounds: list[dict], width: int = 560, height: int = 240, pad:
         return {"points": [], "width": width, "height": height}
     xs = [r["labeled"] for r in points]
     x_min, x_max = min(xs), max(xs)
-    y_min = min(0.0, min(r["accuracy"] for r in points))
+    y_min = min(0.0, min(r.get("low", r["accuracy"]) for r in points))
 
     def x_of(value: float) -> float:
         return pad + (value - x_min) / max(x_max - x_min, 1) * (width - 2 * pad) if x_max > x_min else width / 2
@@ -123,6 +123,10 @@ def learning_curve(rounds: list[dict], width: int = 560, height: int = 240, pad:
 
     coords = [{"x": round(x_of(r["labeled"]), 1), "y": round(y_of(r["accuracy"]), 1), "round": r["round"],
                "labeled": r["labeled"], "accuracy": r["accuracy"]} for r in points]
+    for coord, r in zip(coords, points):  # an interval (the audit estimate's), drawn as an error bar
+        if r.get("low") is not None:
+            coord.update(low=r["low"], high=r["high"], n=r.get("n"), y_low=round(y_of(r["low"]), 1),
+                         y_high=round(y_of(r["high"]), 1))
     return {
         "points": coords, "width": width, "height": height, "pad": pad,
         "polyline": " ".join(f"{p['x']},{p['y']}" for p in coords),
@@ -140,9 +144,15 @@ def dashboard_context() -> dict:
     classes = [{"name": name, "count": counts.get(i, 0), "share": counts.get(i, 0) / total}
                for i, name in enumerate(state.classes)]
     rounds = db.rounds()
-    return {"status": status, "class_counts": classes, "rounds": rounds, "curve": learning_curve(rounds),
+    has_test_split = state.dataset.test_images is not None
+    audit = db.audit_estimates()  # --audit-fraction: accuracy estimates without a test split
+    curve_rounds = rounds if has_test_split or not audit else [
+        {**estimate, "labeled": estimate["labeled"] or 0} for estimate in audit]
+    stopping = next((r for r in reversed(rounds) if r.get("kappa") is not None), None)
+    return {"status": status, "class_counts": classes, "rounds": rounds, "curve": learning_curve(curve_rounds),
             "agreement": db.agreement(state.classes), "overlap": db.overlap(), "label_model": db.label_model(),
-            "has_test_split": state.dataset.test_images is not None,
+            "has_test_split": has_test_split, "audit": {e["round"]: e for e in audit},
+            "curve_is_audit": not has_test_split and bool(audit), "stopping": stopping,
             "poll": poll_delay(status["engine"], status["finished"]), "run": state.run_config,
             "folder": state.folder}
 

@@ -113,8 +113,9 @@ class EngineDriver:
         current = self.db.current_round()
         if current is None:
             indices = self.first_batch()
-            self.oracle.post_batch(0, indices, np.zeros(len(indices)), "random", 0)
-            self.status.set("waiting", 0.0, "initial random batch posted", 0)
+            chosen_by = self.config.initial_strategy  # random, or typiclust (cold start)
+            self.oracle.post_batch(0, indices, np.zeros(len(indices)), chosen_by, 0)
+            self.status.set("waiting", 0.0, f"initial {chosen_by} batch posted", 0)
             return True
         round_index = current["round"]
         if self.db.is_finished():
@@ -147,8 +148,10 @@ class EngineDriver:
         self.load_engine_state(round_index)
         labeled = self.engine.pool.num_labeled
         self.status.set("training", 0.0, f"training on {labeled} labeled items", round_index)
+        stability = None
         if labeled:
             accuracy, train_s, epochs = self.engine.train(round_index)
+            stability = self.engine.stability()
         else:  # every answer was a skip: nothing to learn from, query at random again
             accuracy, train_s, epochs = None, 0.0, 0
         next_batch, query_s = None, 0.0
@@ -165,11 +168,15 @@ class EngineDriver:
                     unlabeled, size=size, replace=False)
                 scores, strategy = np.zeros(size), "random"
             next_batch = self.oracle.batch_record(indices, scores, strategy, round_index + 1)
+            audit = self.engine.last_audit if labeled else np.empty(0, dtype=np.int64)
+            if len(audit):  # the model's predictions, made before anyone answers (the accuracy estimate)
+                predicted = dict(zip(audit.tolist(), self.engine.predict(audit).tolist()))
+                next_batch["audit"] = [predicted.get(int(i)) for i in indices]
             crash_point("query")
         state = self.engine.state_dict()
         del state["pool"]  # the answers are the pool
         self.db.record_training(round_index, labeled, accuracy, round(train_s, 3), round(query_s, 3), epochs,
-                                next_batch, engine_state=json.dumps(state))
+                                next_batch, engine_state=json.dumps(state), stability=stability)
         crash_point("posted")
         if next_batch:
             self.status.set("waiting", 0.0, f"round {round_index + 1} posted", round_index + 1)

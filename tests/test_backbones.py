@@ -172,8 +172,10 @@ def test_model_mode_rules():
     assert model_mode("resnet18", "DEFAULT", False) == "frozen"
     assert model_mode("resnet18", "DEFAULT", True) == "finetune"
     assert model_mode("convnext_tiny", None, False) == "finetune"  # no weights: trained from scratch
-    with pytest.raises(ConfigError, match="--weights needs a torchvision model"):
+    with pytest.raises(ConfigError, match="weights file 'w.pth' not found"):  # a project network takes a file
         model_mode("colour-cnn", "w.pth", False)
+    with pytest.raises(ConfigError, match="must be a state-dict file"):
+        model_mode("colour-cnn", "DEFAULT", False)
     with pytest.raises(ConfigError, match="unknown model"):
         model_mode("resnet19", None, False)
 
