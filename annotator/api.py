@@ -89,6 +89,13 @@ def heartbeat():
     return jsonify(renewed=get_db().renew_leases(current_user().id))
 
 
+@bp.post("/leases/release")
+@require_user()
+def release_my_leases():
+    """The page is closing (or its person went idle): hand my items back to everyone now."""
+    return jsonify(released=get_db().release_leases(user_id=current_user().id))
+
+
 @bp.get("/answers/recent")
 @require_user()
 def recent_answers():
@@ -163,6 +170,14 @@ def json_body() -> dict:
     return body
 
 
+def parse_kind(body: dict) -> str:
+    """"label" (default) or "check": the task was handed out as a second opinion (GET /api/tasks?checks=1)."""
+    kind = body.get("kind", "label")
+    if kind not in ("label", "check"):
+        abort(400, "'kind' must be \"label\" or \"check\"")
+    return kind
+
+
 def parse_time_taken(body: dict) -> int | None:
     taken = body.get("time_taken_ms")
     if taken is None:
@@ -179,7 +194,8 @@ def annotate():
     body = json_body()
     item_id, label = parse_item_id(body.get("item_id")), parse_label(body)
     user = current_user()
-    outcome = get_db().record_answer(user.id, item_id, label, parse_time_taken(body), is_admin=user.is_admin)
+    outcome = get_db().record_answer(user.id, item_id, label, parse_time_taken(body), is_admin=user.is_admin,
+                                     check=parse_kind(body) == "check")
     annotator_state().notify_engine()
     return jsonify(item_id=item_id, label=label, outcome=outcome), 201
 
@@ -196,7 +212,8 @@ def annotate_many():
     item_ids = [parse_item_id(item) for item in item_ids]
     label = parse_label(body)
     user = current_user()
-    outcomes = get_db().record_answers(user.id, list(dict.fromkeys(item_ids)), label, is_admin=user.is_admin)
+    outcomes = get_db().record_answers(user.id, list(dict.fromkeys(item_ids)), label, is_admin=user.is_admin,
+                                       check=parse_kind(body) == "check")
     annotator_state().notify_engine()
     return jsonify(item_ids=list(dict.fromkeys(item_ids)), label=label, outcomes=outcomes), 201
 

@@ -672,7 +672,10 @@ class AnnotationDB:
                 return row is not None and row[0] != "labeling"
             if self._remaining(round_index) > 0:
                 return False
-            last = self.db.execute("select max(updated) from answers where round = ?", [round_index]).fetchone()[0]
+            # the grace runs from the last answer that counted towards the batch: second opinions on its
+            # finished items (which go on while people wait) must not hold the round open
+            last = self.db.execute("select max(updated) from answers where round = ? and source = 'batch'",
+                                   [round_index]).fetchone()[0]
             if grace_s > 0 and last is not None and now - last < grace_s:
                 return False
             self.db.execute("update rounds set state = 'closed', closed = ? where round = ?", [now, round_index])
@@ -809,7 +812,8 @@ class AnnotationDB:
         never one that already has (or is leased towards) `overlap` answers; at most `lease_cap` held.
 
         With `checks`, when the open batch has nothing for them (the engine trains, or the rest is with
-        others), items of closed rounds that they did not answer, for a blind second opinion."""
+        others), items that they did not answer for a blind second opinion: of closed rounds, or of the
+        open batch once they have their `overlap` answers; the least answered first, the newest round first."""
         now = _now() if now is None else now
         with self.transaction(durable=False):  # a lease lost to a power cut is simply handed out again
             current = self.current_round()
@@ -835,13 +839,16 @@ class AnnotationDB:
             if not items and checks:
                 rows = self.db.execute(
                     "select b.item_id from batch_items b join rounds r on r.round = b.round "
-                    "where r.state != 'labeling' and exists (select 1 from answers a where a.item_id = b.item_id "
+                    "where (r.state != 'labeling' or (select count(*) from answers a where a.item_id = b.item_id "
+                    "  and a.round = b.round) >= :overlap) "
+                    "and exists (select 1 from answers a where a.item_id = b.item_id "
                     "  and a.round = b.round and a.label >= 0) "
                     "and not exists (select 1 from answers a where a.item_id = b.item_id and a.annotator_id = :user) "
                     "order by exists(select 1 from leases l where l.item_id = b.item_id and l.annotator_id = :user "
                     "  and l.expires > :now) desc, "
                     "(select count(*) from answers a where a.item_id = b.item_id) asc, b.round desc, b.position "
-                    "limit :count", {"user": user_id, "now": now, "count": min(count, MAX_HELD)}).fetchall()
+                    "limit :count", {"user": user_id, "now": now, "count": min(count, MAX_HELD),
+                                     "overlap": self.overlap()}).fetchall()
                 items = [row[0] for row in rows]
                 kind = "check"
             for item_id in items:
@@ -891,20 +898,21 @@ class AnnotationDB:
     # ---------------------------------------------------------------------------------------- answers
 
     def record_answer(self, user_id: int, item_id: int, label: int, time_taken_ms: int | None = None,
-                      is_admin: bool = False) -> str:
+                      is_admin: bool = False, check: bool = False) -> str:
         """Store an answer before returning: 'created', 'unchanged' (same answer again), 'replaced' (a
-        different answer from the same annotator), 'checked' (a second opinion on a closed round's item
-        they were handed) or 'corrected' (an answer to a closed round's item: it decides the item's label
-        from the next training on). Raises NotFound / Conflict."""
+        different answer from the same annotator), 'checked' (`check`: a blind second opinion on a closed
+        round's item, one more vote) or 'corrected' (any other answer to a closed round's item: it decides
+        the item's label from the next training on). Raises NotFound / Conflict."""
         with self.transaction():
-            return self._record_answer(user_id, item_id, label, time_taken_ms, _now(), is_admin)
+            return self._record_answer(user_id, item_id, label, time_taken_ms, _now(), is_admin, check)
 
-    def record_answers(self, user_id: int, item_ids: list[int], label: int, is_admin: bool = False) -> list[str]:
+    def record_answers(self, user_id: int, item_ids: list[int], label: int, is_admin: bool = False,
+                       check: bool = False) -> list[str]:
         """Grid mode: one label for many items in one transaction, all or nothing (an unknown item, or
         one leased to someone else, raises NotFound / Conflict and records none of them)."""
         now = _now()
         with self.transaction():
-            return [self._record_answer(user_id, item_id, label, None, now, is_admin) for item_id in item_ids]
+            return [self._record_answer(user_id, item_id, label, None, now, is_admin, check) for item_id in item_ids]
 
     # Answers are ordered by this counter (inside the write transaction, so it is strictly increasing),
     # never by the clock, which NTP or a person may step back.
@@ -916,7 +924,7 @@ class AnnotationDB:
                         "updated, ?, ? from answers where id = ?", [now, change, answer_id])
 
     def _record_answer(self, user_id: int, item_id: int, label: int, time_taken_ms: int | None, now: float,
-                       is_admin: bool = False) -> str:
+                       is_admin: bool = False, check: bool = False) -> str:
         """One answer, inside the caller's transaction."""
         batch = self.db.execute(
             "select b.round, b.strategy, b.score, b.model_version, r.state from batch_items b "
@@ -930,7 +938,7 @@ class AnnotationDB:
         lease = self.db.execute("select kind from leases where item_id = ? and annotator_id = ? and expires > ?",
                                 [item_id, user_id, now]).fetchone()
         if state == "labeling":
-            source = "batch"
+            source = "check" if check and (existing is None or existing[2] == "check") else "batch"
             if existing is None and lease is None and not is_admin:
                 answered = self.db.execute("select count(*) from answers where item_id = ? and round = ?",
                                            [item_id, round_index]).fetchone()[0]
@@ -941,7 +949,7 @@ class AnnotationDB:
         elif label == SKIP:
             raise Conflict(f"item {item_id} belongs to round {round_index}, which is closed: "
                            "a correction must name a class")
-        elif existing is None and lease is not None and lease[0] == "check":
+        elif check and (existing is None or existing[2] == "check"):
             source = "check"  # a blind second opinion while the engine trained: one more vote
         else:
             source = "review"  # a correction: it decides the item's label
@@ -1023,13 +1031,12 @@ class AnnotationDB:
         if round_index is not None:
             where.append("a.round = ?")
             params.append(round_index)
-        having = ""
         if disagreements or conflicts:
             where.append("a.item_id in (select item_id from answers where label >= 0 group by item_id "
                          "having count(distinct label) > 1)")
         if conflicts:
             where.append("a.item_id not in (select item_id from answers where source = 'review')")
-        sql = f"select a.item_id, max(a.updated) as last from answers a where {' and '.join(where)} group by a.item_id{having}"
+        sql = f"select a.item_id, max(a.seq) as last from answers a where {' and '.join(where)} group by a.item_id"
         total = self.db.execute(f"select count(*) from ({sql})", params).fetchone()[0]
         rows = self.db.execute(sql + " order by last desc, a.item_id limit ? offset ?", [*params, limit, offset]).fetchall()
         item_ids = [r[0] for r in rows]
@@ -1155,33 +1162,43 @@ class AnnotationDB:
     # ---------------------------------------------------------------------------------------- export
 
     EXPORT_FIELDS = ("item", "pool_index", "file_name", "label", "label_index", "annotator", "time",
-                     "time_taken_ms", "round", "strategy", "score", "model_version")
+                     "time_taken_ms", "round", "strategy", "score", "model_version", "source")
 
-    def iter_export(self, classes: list[str], latest_only: bool = False, chunk: int = 1000) -> Iterator[dict]:
-        """Every non-skip answer (or, with latest_only, the latest per item), streamed in chunks
-        from one read snapshot so that 100k answers never sit in memory at once."""
-        where = "a.label >= 0"
+    def iter_export(self, classes: list[str], latest_only: bool = False, chunk: int = 1000,
+                    training_labels: bool = False) -> Iterator[dict]:
+        """Every non-skip answer, streamed in chunks from one read snapshot so that 100k answers never sit
+        in memory at once; `source` says how it came (batch, check: a second opinion, review: a correction).
+        One answer per item instead: with latest_only the last one given (by `seq`, never the clock); with
+        training_labels (the image-folder tree) the first that carries the item's training label
+        (`decide_labels`: a correction, else the majority)."""
         sql = ("select a.id, a.item_id, i.file_name, a.label, u.name, a.updated, a.time_taken_ms, a.round, "
-               "a.strategy, a.score, a.model_version, a.seq from answers a join items i on i.id = a.item_id "
-               f"join users u on u.id = a.annotator_id where {where}")
+               "a.strategy, a.score, a.model_version, a.source, a.seq from answers a join items i on i.id = a.item_id "
+               "join users u on u.id = a.annotator_id where a.label >= 0")
         if latest_only:
-            sql = (f"select * from (select *, row_number() over (partition by item_id order by seq desc)"
+            sql = (f"select * from (select *, row_number() over (partition by item_id order by seq desc, id desc)"
                    f" as latest from ({sql})) where latest = 1")
         cursor = self.db.conn.cursor()
         cursor.execute("BEGIN")  # one read snapshot for the whole stream
         try:
+            decided = self.decide_labels(self._votes(), len(classes) or None) if training_labels else None
+            written: set[int] = set()
             cursor.execute(sql + " order by 2, 1")
             while True:
                 rows = cursor.fetchmany(chunk)
                 if not rows:
                     break
                 for row in rows:
-                    _, item_id, file_name, label, annotator, updated, taken, round_index, strategy, score, version = row[:11]
+                    _, item_id, file_name, label, annotator, updated, taken, round_index, strategy, score, version, source = row[:12]
+                    if decided is not None:
+                        if item_id in written or decided.get(item_id) != label:
+                            continue
+                        written.add(item_id)
                     yield {
                         "item": item_id, "pool_index": item_id, "file_name": file_name,
                         "label": classes[label] if 0 <= label < len(classes) else str(label), "label_index": label,
                         "annotator": annotator, "time": _iso(updated), "time_taken_ms": taken,
                         "round": round_index, "strategy": strategy, "score": score, "model_version": version,
+                        "source": source,
                     }
         finally:
             cursor.execute("COMMIT")

@@ -193,7 +193,7 @@ def write_imagefolder(db_path: str, out: Path, dataset=None, data_dir: str | Non
                 folder += "_"
             folders[index] = folder
             (tmp / folder).mkdir()
-        for row in db.iter_export(classes, latest_only=True):
+        for row in db.iter_export(classes, training_labels=True):  # each item's training label
             target_dir = tmp / folders[row["label_index"]]
             source = _source_file(data_dir, row["file_name"])
             if source is not None:

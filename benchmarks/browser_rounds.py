@@ -7,8 +7,11 @@ key, and so on until --rounds batches are answered. Measured in the page:
 
   key_to_next_image   from the keydown (a capture listener, before the page's own) to the next image
                       decoded and painted (load event + the next animation frame); split by whether the
-                      engine was training/querying at that moment (the server's /api/status, polled)
-  nothing_to_label    per round, seconds each page showed the "nothing to label" panel (mean, max over pages)
+                      engine was training/querying at that moment (the server's /api/status, polled);
+                      a key press after which the page showed "nothing to label" has no next image and
+                      is not counted (that wait is the next figure)
+  nothing_to_label    per round, seconds each page showed the "nothing to label" panel (mean, max over
+                      pages), the end of the run ("All batches are labeled") left out
 
 Two phases on the same build: "before" (second opinions off: the page's task requests are rewritten to
 checks=0, and no close grace: what main served) and "after" (second opinions while the engine trains, the
@@ -55,7 +58,9 @@ PROBE = """
     });
     setInterval(() => {
       const panel = document.getElementById('waiting');
-      const waiting = panel && !panel.hidden;
+      const title = (document.getElementById('waiting-title') || {}).textContent || '';
+      const waiting = panel && !panel.hidden && !title.startsWith('All batches');  // the run's end is no wait
+      if (waiting) pressed = null;  // the key that ended a batch has no next image to time
       const round = (document.getElementById('progress-round') || {}).textContent;
       if (waiting && waitingSince === null) waitingSince = [performance.now(), round];
       if (!waiting && waitingSince !== null) {

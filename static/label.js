@@ -9,6 +9,7 @@
   const keys = config.keys;   // the key of each class (pages.key_map): "3", "x", "shift+1"
   const HISTORY = 10;         // answers that Backspace (and the recent list) can bring back
   const HEARTBEAT_MS = 30000; // leases lapse without a heartbeat (db.LEASE_SECONDS = 100 s)
+  const IDLE_MS = 180000;     // no heartbeat after 3 minutes without a key press or a click
 
   // The key of a keydown as key_map names keys: Shift with a top-row digit is "shift+D" on any layout.
   function keyOf(event) {
@@ -167,7 +168,7 @@
     const data = await response.json();
     const onScreen = queue.length ? queue[0].item_id : null;
     let tasks = data.tasks.filter((t) => !answered.has(t.item_id));
-    const corrections = queue.filter((t) => t.correcting);  // brought back by undo after their round closed
+    const corrections = queue.filter((t) => t.correcting || t.broughtBack);  // brought back after their round closed
     tasks = [...corrections, ...tasks.filter((t) => !corrections.some((c) => c.item_id === t.item_id))];
     if (!grid && onScreen !== null) {  // keep the image on screen first, whatever the server's order
       const index = tasks.findIndex((t) => t.item_id === onScreen);
@@ -186,6 +187,7 @@
       ? {item_id: tasks[0].item_id, time_taken_ms: takenMs}
       : {item_ids: tasks.map((t) => t.item_id)};
     if (label === null) body.skip = true; else body.label = label;
+    if (tasks.every((t) => t.kind === "check")) body.kind = "check";  // a second opinion: one more vote
     const url = "item_id" in body ? "/api/annotations" : "/api/annotations/bulk";
     chain = chain.then(async () => {
       let response;
@@ -208,7 +210,7 @@
   }
 
   function remember(tasks) {
-    history.push(tasks.map((t) => ({...t, correcting: false})));
+    history.push(tasks.map((t) => ({...t, correcting: false, broughtBack: false})));
     while (history.length > HISTORY) history.shift();
   }
 
@@ -241,9 +243,10 @@
         if (response && response.ok) {
           answered.delete(task.item_id);
           queue = [{...task, correcting: false}, ...queue.filter((t) => t.item_id !== task.item_id)];
-        } else if (response && response.status === 409 && !grid) {
+        } else if (response && response.status === 409 && !grid) {  // closed: answer again to correct it
           answered.delete(task.item_id);
-          queue = [{...task, correcting: true}, ...queue.filter((t) => t.item_id !== task.item_id)];
+          queue = [{...task, correcting: task.kind !== "check", broughtBack: true},
+                   ...queue.filter((t) => t.item_id !== task.item_id)];
         } else {
           const message = response ? (await response.json().catch(() => ({}))).error : "network error";
           toast("Cannot undo: " + (message || response.status));
@@ -345,7 +348,19 @@
     });
     if (config.show_instructions) $("instructions").showModal();  // first sign-in, or new guidelines
   }
-  setInterval(() => { api("POST", "/api/heartbeat").catch(() => null); }, HEARTBEAT_MS);
+  // Leases live while this page is open and its person is active: no heartbeat after IDLE_MS without a
+  // key press, click or tap (an idle colleague's items come free within 2 minutes), and a closing page
+  // hands its items back at once (sendBeacon carries the CSRF token as a form field).
+  let lastActive = Date.now();
+  for (const type of ["keydown", "pointerdown"]) document.addEventListener(type, () => { lastActive = Date.now(); }, true);
+  setInterval(() => {
+    if (Date.now() - lastActive < IDLE_MS) api("POST", "/api/heartbeat").catch(() => null);
+  }, HEARTBEAT_MS);
+  window.addEventListener("pagehide", () => {
+    const form = new FormData();
+    form.append("csrf_token", config.csrf);
+    navigator.sendBeacon("/api/leases/release", form);
+  });
   refreshRecent();
   $("undo-button").addEventListener("click", undo);
   $("help-button").addEventListener("click", toggleKeymap);

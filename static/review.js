@@ -47,6 +47,8 @@
     }
     const result = await response.json();
     card.querySelector(".review-label").textContent = classes[label];
+    const answers = card.querySelector(".review-answers");
+    answers.textContent = answers.textContent.replace(/ · now: .*$/, "") + ` · now: ${classes[label]} ✎`;
     card.classList.add("relabeled");
     card.dataset.outcome = result.outcome;
     toast(result.outcome === "corrected" ? `Corrected to ${classes[label]}: used from the next training on`

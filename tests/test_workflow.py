@@ -143,6 +143,9 @@ def test_the_batch_closing_answer_can_be_undone_during_the_grace(make):
     client.post("/api/annotations", json={"item_id": answered[-1], "label": 4}, headers=ADMIN)
     last = db.db.execute("select max(updated) from answers").fetchone()[0]
     assert not db.close_round_if_complete(0, grace_s=30.0, now=last + 29)
+    bob, bob_id = user(app, "bob")  # second opinions on the finished batch do not hold it open
+    checked = db.lease_tasks(bob_id, 1, now=last + 30, checks=True)
+    db._record_answer(bob_id, checked[0], 3, None, last + 30.5, check=True)
     assert db.close_round_if_complete(0, grace_s=30.0, now=last + 31)
 
 
@@ -213,6 +216,8 @@ def test_the_heartbeat_endpoint_renews_my_leases(make):
     client = app.test_client()
     client.get("/api/tasks?count=3", headers=ADMIN)
     assert client.post("/api/heartbeat", headers=ADMIN).get_json() == {"renewed": 3}
+    assert client.post("/api/leases/release", headers=ADMIN).get_json() == {"released": 3}  # the page closes
+    assert client.post("/api/heartbeat", headers=ADMIN).get_json() == {"renewed": 0}
 
 
 def test_the_admin_page_lists_who_holds_what_and_releases_it(make):
@@ -352,8 +357,12 @@ def test_while_the_engine_trains_others_give_second_opinions(make):
     assert client.get("/api/tasks?count=4&checks=1", headers=ADMIN).get_json()["tasks"] == []  # answered them all
     tasks = client.get("/api/tasks?count=4&checks=1", headers=bob).get_json()["tasks"]
     assert len(tasks) == 4 and {t["kind"] for t in tasks} == {"check"} and {t["item_id"] for t in tasks} <= set(answered)
-    second = client.post("/api/annotations", json={"item_id": tasks[0]["item_id"], "label": 9}, headers=bob)
+    second = client.post("/api/annotations", json={"item_id": tasks[0]["item_id"], "label": 9, "kind": "check"},
+                         headers=bob)
     assert second.get_json()["outcome"] == "checked"
+    again = client.post("/api/annotations", json={"item_id": tasks[0]["item_id"], "label": 9, "kind": "check"},
+                        headers=bob)
+    assert again.get_json()["outcome"] == "unchanged"  # still a vote, not a correction
     items, labels, _ = driver.db.training_answers(0)
     assert labels[items.index(tasks[0]["item_id"])] == 1  # a tie of 1 and 9: the earliest answer stays
     assert client.get("/api/agreement", headers=ADMIN).get_json()["items_with_several_answers"] == 1
@@ -415,3 +424,81 @@ def test_overlap_and_label_model_are_checked(make):
         make(OVERLAP=0)
     with pytest.raises(UserError, match="label-model"):
         make(LABEL_MODEL="vote")
+
+
+def test_the_image_folder_export_holds_the_training_label_and_the_csv_says_where_an_answer_came_from(make):
+    app = make(RUN_CONFIG=config(initial=6))
+    client = app.test_client()
+    item = batch(app)[0]
+    for name, label in (("A", 1), ("B", 1), ("C", 2)):  # C answers last, the majority says 1
+        headers, _ = user(app, name)
+        client.post("/api/annotations", json={"item_id": item, "label": label}, headers=headers)
+    db = app.extensions["annotator"].driver.db
+    tree = [row for row in db.iter_export([str(d) for d in range(10)], training_labels=True) if row["item"] == item]
+    assert [row["label_index"] for row in tree] == [1]  # the tree took the latest answer, 2
+    latest = [row for row in db.iter_export([str(d) for d in range(10)], latest_only=True) if row["item"] == item]
+    assert [row["label_index"] for row in latest] == [2]
+    lines = client.get("/api/export?format=csv", headers=ADMIN).get_data(as_text=True).splitlines()
+    assert lines[0].endswith(",source") and all(line.endswith(",batch") for line in lines[1:])
+
+
+def test_at_the_end_of_a_batch_the_others_check_its_answered_items(make):
+    app = make()
+    client = app.test_client()
+    alice, _ = user(app, "alice")
+    bob, _ = user(app, "bob")
+    held = [t["item_id"] for t in client.get("/api/tasks?count=3", headers=alice).get_json()["tasks"]]
+    answered = []
+    for task in client.get("/api/tasks?count=4&checks=1", headers=bob).get_json()["tasks"]:
+        client.post("/api/annotations", json={"item_id": task["item_id"], "label": 5}, headers=bob)
+        answered.append(task["item_id"])
+    for task in client.get("/api/tasks?count=4&checks=1", headers=bob).get_json()["tasks"]:
+        assert task["kind"] == "label"
+        client.post("/api/annotations", json={"item_id": task["item_id"], "label": 5}, headers=bob)
+        answered.append(task["item_id"])
+    # the rest of the batch is with alice, and bob answered every other item: nothing for him, until
+    # alice answers one, which he may then check while she finishes
+    assert client.get("/api/tasks?count=4&checks=1", headers=bob).get_json()["tasks"] == []
+    client.post("/api/annotations", json={"item_id": held[0], "label": 5}, headers=alice)
+    checks = client.get("/api/tasks?count=4&checks=1", headers=bob).get_json()["tasks"]
+    assert [(t["item_id"], t["kind"]) for t in checks] == [(held[0], "check")]
+    result = client.post("/api/annotations", json={"item_id": held[0], "label": 6, "kind": "check"}, headers=bob)
+    assert result.get_json()["outcome"] == "checked"
+    source = app.extensions["annotator"].driver.db.db.execute(
+        "select source from answers where item_id = ? and label = 6", [held[0]]).fetchone()[0]
+    assert source == "check"
+
+
+def test_concurrent_annotators_with_overlap_two_lose_nothing_and_never_answer_twice(make):
+    import threading
+
+    from collections import Counter
+
+    app = make(OVERLAP=2, RUN_CONFIG=config(initial=30))
+    path = app.extensions["annotator"].database
+    people = [user(app, f"p{i}")[1] for i in range(4)]
+    given, errors = [], []
+
+    def annotate(person: int) -> None:
+        db = AnnotationDB(path, setup=False)
+        try:
+            while items := db.lease_tasks(person, 2):
+                for item in items:
+                    db.record_answer(person, item, item % 10)
+                    given.append((person, item))
+        except Exception as error:  # surfaced below
+            errors.append(error)
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=annotate, args=(person,)) for person in people]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert len(given) == len(set(given)) == 60  # 30 items x 2, no (person, item) twice
+    assert set(Counter(item for _, item in given).values()) == {2}
+    db = app.extensions["annotator"].driver.db
+    stored = db.db.execute("select annotator_id, item_id from answers").fetchall()
+    assert sorted(stored) == sorted(given) and db.batch_progress()["remaining"] == 0
