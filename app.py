@@ -20,6 +20,10 @@ import dataclasses
 import sys
 
 SUBCOMMANDS = ("bench", "export", "import", "pretrain", "strategies", "users")
+# The default query strategy: margin, an active one (random is not active learning). On this project's
+# Fashion-MNIST bench it beats random by +0.0105 AULC over 5 seeds (tied best with BADGE), and it costs one
+# forward pass over the pool, so the next batch is ready seconds after the last answer (docs/annotator.md).
+DEFAULT_STRATEGY = "margin"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -135,6 +139,17 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="sign-in token (default: a random one, printed at start)")
     parser.add_argument("--threads", type=int, default=None,
                         help="request threads of the server (default: twice the CPU cores, 4 to 8)")
+    team = parser.add_argument_group("people (annotator server)")
+    team.add_argument("--overlap", type=int, default=1, metavar="N",
+                      help="different annotators who answer each item before it counts as done (default: 1)")
+    team.add_argument("--label-model", default="majority", choices=["majority", "dawid-skene"],
+                      help="how several answers become the training label (default: majority, ties: the earliest)")
+    team.add_argument("--instructions", metavar="FILE.md",
+                      help="the project's guidelines, shown to annotators (key h) and on their first sign-in")
+    team.add_argument("--close-grace", type=float, default=5.0, metavar="SECONDS",
+                      help="a complete batch stays open this long so that its last answer can be undone (default: 5)")
+    team.add_argument("--allow-strategy-change", action="store_true",
+                      help="continue a database started with another --strategy, querying with this one")
 
 
 def run_config_from_args(args: argparse.Namespace, **overrides):
@@ -167,8 +182,8 @@ def build_run_parser() -> argparse.ArgumentParser:
     add_data_arguments(parser)
     add_engine_arguments(parser)
     add_server_arguments(parser)
-    parser.add_argument("--strategy", default="random", choices=strategy_names(), metavar="NAME",
-                        help="query strategy; `app.py strategies` lists them")
+    parser.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=strategy_names(), metavar="NAME",
+                        help=f"query strategy (default: {DEFAULT_STRATEGY}); `app.py strategies` lists them")
     parser.add_argument("--oracle", default="human", choices=["human", "simulated"],
                         help="who answers: people in the browser, or the ground truth")
     parser.add_argument("--out", help="folder for a simulated run's files")
@@ -191,7 +206,21 @@ def command_run(argv: list[str]) -> int:
         return 0
     from annotator.cli import serve
 
-    return serve(config, host=args.host, port=args.port, token=args.token, db_path=args.db, threads=args.threads)
+    return serve(config, host=args.host, port=args.port, token=args.token, db_path=args.db, threads=args.threads,
+                 team=team_settings(args))
+
+
+def team_settings(args: argparse.Namespace) -> dict:
+    """The annotator server's settings for people (not part of the engine's RunConfig)."""
+    from al_engine.errors import ConfigError
+    from annotator.cli import read_instructions
+
+    if args.overlap < 1:
+        raise ConfigError(f"--overlap must be at least 1, got {args.overlap}")
+    if not 0 <= args.close_grace <= 600:
+        raise ConfigError(f"--close-grace must lie in 0..600 seconds, got {args.close_grace}")
+    return {"OVERLAP": args.overlap, "LABEL_MODEL": args.label_model, "CLOSE_GRACE_S": args.close_grace,
+            "INSTRUCTIONS": read_instructions(args.instructions), "ALLOW_STRATEGY_CHANGE": args.allow_strategy_change}
 
 
 def command_strategies(argv: list[str]) -> int:

@@ -285,13 +285,17 @@ def distill_student(student: nn.Module, teacher: nn.Module, dataset: Dataset, in
                     on_epoch_end: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train `student.embed` in place so that it matches the frozen `teacher.embed` on pool `indices`.
 
-    The student runs in eval mode (batch norm uses running statistics, as when it is scored), so
-    what it learns here is the function the lookahead later perturbs. `teacher_features` (N, D)
-    may be given to skip recomputing them.
+    The student trains in train mode, as any network does: batch norm normalises each mini-batch
+    by its own statistics (in eval mode right after `fresh_copy` it would divide by the reset
+    running variance of 1, and the student would in effect train without batch norm). Afterwards
+    the running statistics are measured again over the whole distillation set with the final
+    weights (`remeasure_batch_norm`), and the student is returned in eval mode: the function the
+    lookahead scores and perturbs. Without batch norm the two modes compute the same `embed`
+    (dropout sits only in the head). `teacher_features` (N, D) may be given to skip recomputing them.
     """
     config.validate()
     start = time.perf_counter()
-    student.to(device).eval()
+    student.to(device).train()
     images = dataset.train_images[torch.as_tensor(indices, dtype=torch.long)].to(device)  # normalised per batch
     if teacher_features is None:
         teacher_features = embed_pool(teacher, dataset, indices, device)
@@ -305,8 +309,37 @@ def distill_student(student: nn.Module, teacher: nn.Module, dataset: Dataset, in
         return distillation_loss(student.embed(dataset.normalize(images[batch])), targets[batch], config.loss)
 
     losses = run_epochs(batch_loss, optimizer, len(targets), config, generator, device, on_epoch_end)
+    remeasure_batch_norm(student, dataset, images, config.batch_size)
     student.eval()
     return TrainResult(len(losses), losses[-1], time.perf_counter() - start, losses)
+
+
+def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def remeasure_batch_norm(model: nn.Module, dataset: Dataset, images: torch.Tensor, batch_size: int) -> None:
+    """Reset every batch-norm layer's running statistics and measure them again as the equal-weight
+    average over mini-batches of `images` (stored pixels, normalised here) of `model.embed`'s
+    batch statistics, with the weights as they are now (what torch.optim.swa_utils.update_bn does).
+    A network without batch norm is left untouched."""
+    layers = batch_norm_layers(model)
+    if not layers:
+        return
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over the batches seen
+    model.train()
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        if len(chunk) < 2 and start > 0:  # a batch of one has no batch statistics
+            break
+        model.embed(dataset.normalize(chunk))
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    model.eval()
 
 
 @torch.inference_mode()

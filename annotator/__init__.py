@@ -8,6 +8,12 @@
     ADMIN_TOKEN   the start-up sign-in token of the built-in admin (default: a random one)
     START_ENGINE  True: run the engine in a background thread (the server); False: tests call
                   `app.extensions["annotator"].driver.step()` themselves
+    OVERLAP       answers (by different annotators) each item needs before it counts as done (default 1)
+    LABEL_MODEL   "majority" (default) or "dawid-skene": how several answers become the training label
+    INSTRUCTIONS  the project's guidelines (Markdown text) shown in a panel and on first sign-in
+    CLOSE_GRACE_S seconds a complete batch waits before it closes, so its last answer can be undone
+                  (default 5 with START_ENGINE, else 0)
+    ALLOW_STRATEGY_CHANGE  True: a database started with another --strategy continues with this one
 
 The first batch is posted synchronously at start-up (it is random: there is no model yet), so
 the first image can be served at once.
@@ -29,10 +35,10 @@ from al_engine.data import Dataset, describe_skipped, load_dataset
 from al_engine.engine import Engine
 from al_engine.errors import UserError
 
-from . import admin, api, auth, connection, errors, pages
+from . import admin, api, auth, connection, errors, pages, review
 from oracle.human import ItemIds
 
-from .db import AnnotationDB
+from .db import LABEL_MODELS, AnnotationDB, AnnotatorDBError
 from .state import AnnotatorState
 from .worker import EngineDriver, EngineWorker
 
@@ -118,15 +124,30 @@ def create_app(config: dict | None = None) -> Flask:
     database = str(settings["DATABASE"])
     dataset = settings.get("DATASET") or load_pool(run_config, database)
 
+    overlap = settings.get("OVERLAP", 1)
+    label_model = settings.get("LABEL_MODEL", "majority")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1:
+        raise UserError(f"--overlap must be a whole number of at least 1, got {overlap!r}")
+    if label_model not in LABEL_MODELS:
+        raise UserError(f"unknown --label-model {label_model!r}; choose from: {', '.join(LABEL_MODELS)}")
     setup_db = AnnotationDB(database)  # creates/migrates the schema once
     try:
-        setup_db.bind_run(run_settings(run_config, dataset))
+        stored = setup_db.bind_run(run_settings(run_config, dataset))
         try:
             ids, changes = item_ids_for(setup_db, dataset)
             changes.plan = run_config.plan_note(int(dataset.train_images.shape[0]))
         except Exception:
             setup_db.unbind_run()  # a failed first start leaves the database free for the corrected command
             raise
+        if stored.get("strategy") not in (None, run_config.strategy):
+            if not settings.get("ALLOW_STRATEGY_CHANGE"):
+                raise AnnotatorDBError(
+                    f"database {database!r} was started with --strategy {stored['strategy']}, not "
+                    f"{run_config.strategy}; add --allow-strategy-change to query the next batches with "
+                    f"{run_config.strategy}, or choose another --db")
+            setup_db.set_run_setting("strategy", run_config.strategy)
+        setup_db.set_meta("overlap", str(overlap))
+        setup_db.set_meta("label_model", label_model)
         admin_token = settings.get("ADMIN_TOKEN") or secrets.token_urlsafe(24)
         setup_db.ensure_owner(admin_token)
         secret_key = setup_db.secret_key()
@@ -143,10 +164,12 @@ def create_app(config: dict | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     app.config.update({k: v for k, v in settings.items() if k.isupper() and k not in ("DATASET", "RUN_CONFIG")})
+    app.add_url_rule("/favicon.ico", "favicon", lambda: app.send_static_file("favicon.svg"))
 
+    grace = settings.get("CLOSE_GRACE_S", 5.0 if settings.get("START_ENGINE") else 0.0)
     driver = None
     try:
-        driver = EngineDriver(Engine(run_config, dataset=dataset), database, ids=ids)
+        driver = EngineDriver(Engine(run_config, dataset=dataset), database, ids=ids, close_grace_s=float(grace))
         if driver.db.current_round() is None:
             driver.step()  # post the first (random) batch now: the first image is available at once
     except Exception:
@@ -159,7 +182,7 @@ def create_app(config: dict | None = None) -> Flask:
             unbind.close()
         raise
     state = AnnotatorState(database=database, run_config=run_config, dataset=dataset, driver=driver,
-                           ids=ids, folder=changes)
+                           ids=ids, folder=changes, instructions=settings.get("INSTRUCTIONS") or "")
     if settings.get("START_ENGINE"):
         state.worker = EngineWorker(driver)
         state.worker.start()
@@ -173,4 +196,5 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(review.bp)
     return app

@@ -1,7 +1,7 @@
-"""Admin pages: named annotators (add, list) and the export links."""
+"""Admin pages: named annotators (add, list), who holds which items (and releasing them), exports."""
 from __future__ import annotations
 
-from flask import Blueprint, render_template, request, url_for
+from flask import Blueprint, abort, redirect, render_template, request, url_for
 
 from al_engine.errors import UserError
 
@@ -12,10 +12,16 @@ from .db import ROLES
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 
+def _page(new_user=None, error=None):
+    db = get_db()
+    return render_template("admin.html", users=db.list_users(), roles=ROLES, new_user=new_user, error=error,
+                           leases=db.active_leases())
+
+
 @bp.get("/")
 @require_user(admin=True)
 def index():
-    return render_template("admin.html", users=get_db().list_users(), roles=ROLES, new_user=None, error=None)
+    return _page()
 
 
 @bp.post("/users")
@@ -25,8 +31,18 @@ def add_user():
     try:
         token = get_db().add_user(name, role)
     except UserError as error:
-        return render_template("admin.html", users=get_db().list_users(), roles=ROLES, new_user=None,
-                               error=str(error)), 400
+        return _page(error=str(error)), 400
     new_user = {"name": name.strip(), "role": role, "token": token,
                 "url": url_for("pages.index", token=token, _external=True)}
-    return render_template("admin.html", users=get_db().list_users(), roles=ROLES, new_user=new_user, error=None), 201
+    return _page(new_user=new_user), 201
+
+
+@bp.post("/leases/release")
+@require_user(admin=True)
+def release_leases():
+    """Hand an annotator's leased items back to everyone (someone went for lunch with five images)."""
+    value = request.form.get("annotator_id", "")
+    if not (value.isascii() and value.isdigit()):
+        abort(400, "'annotator_id' must be a user id")
+    get_db().release_leases(user_id=int(value))
+    return redirect(url_for("admin.index"))

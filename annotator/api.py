@@ -1,7 +1,8 @@
-"""The JSON API: status, tasks (leases), answers, images, learning curve and export.
+"""The JSON API: status, tasks (leases, heartbeat), answers and corrections, images, learning curve,
+agreement and export.
 
 Errors are JSON `{"error", "status"}` with a 4xx code: 400 bad input, 401 not signed in,
-403 not allowed, 404 unknown item, 409 the item's round is closed.
+403 not allowed, 404 unknown item, 409 the item is leased to someone else (or an undo on a closed round).
 """
 from __future__ import annotations
 
@@ -64,13 +65,59 @@ def next_task():
 @bp.get("/tasks")
 @require_user()
 def tasks():
-    """Up to `count` items leased to this annotator: the page shows the first and preloads the rest."""
+    """Up to `count` items leased to this annotator: the page shows the first and preloads the rest.
+    `checks=1`: when the open batch has nothing for them (the engine trains), closed rounds' items for
+    a blind second opinion (each task says its "kind": "label" or "check")."""
     count = request.args.get("count", "1")
     # ASCII digits only: str.isdigit() also accepts '²' or '①', which int() then refuses
     if not (count.isascii() and count.isdigit() and len(count) <= 3) or not 1 <= int(count) <= MAX_TASKS:
         abort(400, f"count must be an integer from 1 to {MAX_TASKS}")
-    items = get_db().lease_tasks(current_user().id, int(count))
-    return jsonify(tasks=[task_payload(item) for item in items], status=status_payload())
+    checks = request.args.get("checks", "0")
+    if checks not in ("0", "1"):
+        abort(400, "checks must be 0 or 1")
+    db, user = get_db(), current_user()
+    items = db.lease_tasks(user.id, int(count), checks=checks == "1")
+    kinds = db.task_kinds(user.id, items)
+    return jsonify(tasks=[{**task_payload(item), "kind": kinds.get(item, "label")} for item in items],
+                   status=status_payload())
+
+
+@bp.post("/heartbeat")
+@require_user()
+def heartbeat():
+    """An open labeling page says it is still there: its leases run on (they lapse without it)."""
+    return jsonify(renewed=get_db().renew_leases(current_user().id))
+
+
+@bp.get("/answers/recent")
+@require_user()
+def recent_answers():
+    """My last 10 answers, newest first, each with its picture: the labeling page's history."""
+    classes = annotator_state().classes
+    return jsonify(answers=[{**task_payload(a["item_id"]), "label": a["label"],
+                             "label_name": classes[a["label"]] if a["label"] >= 0 else None, "round": a["round"],
+                             "closed": a["state"] != "labeling", "source": a["source"]}
+                            for a in get_db().recent_answers(current_user().id, 10)])
+
+
+@bp.get("/agreement")
+@require_user()
+def agreement():
+    """Cohen's kappa per pair of annotators, Fleiss' kappa over all, confusion between annotators,
+    and each annotator's agreement with the majority."""
+    db = get_db()
+    return jsonify(overlap=db.overlap(), label_model=db.label_model(), **db.agreement(annotator_state().classes))
+
+
+@bp.post("/instructions/seen")
+@require_user()
+def instructions_seen():
+    """The page showed the guidelines: do not open them by themselves again until they change."""
+    version = json_body().get("version")
+    if not isinstance(version, str) or not version.isalnum() or len(version) > 64:
+        abort(400, "'version' must be the guidelines' version string")
+    get_db().mark_instructions_seen(current_user().id, version)
+    return jsonify(version=version)
 
 
 def parse_label(body: dict) -> int:
@@ -131,7 +178,8 @@ def annotate():
     """201 for a new, repeated (idempotent) or replaced answer; committed before the response."""
     body = json_body()
     item_id, label = parse_item_id(body.get("item_id")), parse_label(body)
-    outcome = get_db().record_answer(current_user().id, item_id, label, parse_time_taken(body))
+    user = current_user()
+    outcome = get_db().record_answer(user.id, item_id, label, parse_time_taken(body), is_admin=user.is_admin)
     annotator_state().notify_engine()
     return jsonify(item_id=item_id, label=label, outcome=outcome), 201
 
@@ -147,7 +195,8 @@ def annotate_many():
         abort(400, f"'item_ids' must be a list of 1 to {MAX_TASKS} item ids")
     item_ids = [parse_item_id(item) for item in item_ids]
     label = parse_label(body)
-    outcomes = get_db().record_answers(current_user().id, list(dict.fromkeys(item_ids)), label)
+    user = current_user()
+    outcomes = get_db().record_answers(user.id, list(dict.fromkeys(item_ids)), label, is_admin=user.is_admin)
     annotator_state().notify_engine()
     return jsonify(item_ids=list(dict.fromkeys(item_ids)), label=label, outcomes=outcomes), 201
 
@@ -193,6 +242,6 @@ def export():
     if fmt not in STREAM_FORMATS:
         abort(400, f"unknown export format {fmt!r}; choose from: {', '.join(STREAM_FORMATS)}")
     lines = export_lines(annotator_state().database, fmt)
-    response = Response(stream_with_context(lines), mimetype=MEDIA_TYPES[fmt])
+    response = Response(stream_with_context(lines), content_type=MEDIA_TYPES[fmt])  # carries its charset
     response.headers["Content-Disposition"] = f'attachment; filename="annotations.{fmt}"'
     return response

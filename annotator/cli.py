@@ -135,8 +135,22 @@ def check_port(host: str, port: int) -> None:
         probe.bind((host, port))
 
 
+def read_instructions(path: str | None) -> str:
+    """The guidelines file of --instructions (Markdown), read once at start; '' without one."""
+    if path is None:
+        return ""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise UserError(f"cannot read --instructions {path!r}: {reason}") from None
+    if len(text) > 200_000:
+        raise UserError(f"--instructions {path!r} is over 200,000 characters; keep the guidelines short")
+    return text
+
+
 def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: str | None = None,
-          db_path: str = "annotations.db", threads: int | None = None) -> int:
+          db_path: str = "annotations.db", threads: int | None = None, team: dict | None = None) -> int:
     """Start the annotator with the engine in a background worker; runs until interrupted."""
     from . import create_app, load_pool
 
@@ -161,7 +175,7 @@ def serve(config: RunConfig, host: str = "127.0.0.1", port: int = 5000, token: s
         app = create_app({"DATABASE": db_path, "RUN_CONFIG": config, "DATASET": dataset, "ADMIN_TOKEN": token,
                           "START_ENGINE": True,
                           # cookies are not kept apart by port: two servers on one host must not share a name
-                          "SESSION_COOKIE_NAME": f"annotator_session_{port}"})
+                          "SESSION_COOKIE_NAME": f"annotator_session_{port}", **(team or {})})
         worker = app.extensions["annotator"].worker
         try:
             server = make_server(app, host, port, threads)

@@ -7,7 +7,7 @@ Leases commit without the fsync: losing one only hands the item out again. Write
 transactions, so concurrent requests and the engine worker serialise instead of racing.
 
 Tables (schema version 6; MIGRATIONS below bring older files up to date):
-  meta         key/value: schema version, the run's settings, the cookie-signing secret, `finished`,
+  meta         key/value: schema version, the run's settings, the cookie-signing secret, `finished`, `overlap`,
                `server` (the host and port the last server listened on, for the links `users add` prints)
   users        annotators and admins; only a SHA-256 of each token is stored; `removed` once revoked
   sessions     signed-in browsers: a SHA-256 of each session's random id (the cookie holds the id), so
@@ -20,8 +20,12 @@ Tables (schema version 6; MIGRATIONS below bring older files up to date):
                random) have strategy "audit", audit = 1 and `predicted`, the class the model that
                posted the batch predicted before anyone answered (the accuracy estimate's input)
   answers      one row per (item, annotator, round); label -1 records a skip; `seq` orders them
-               (a counter, not the clock: a clock stepped back never makes an older answer the latest)
-  leases       which annotator holds which item, until when (unix seconds)
+               (a counter, not the clock: a clock stepped back never makes an older answer the latest);
+               `source` says how it came: "batch" (the open batch), "check" (a blind second opinion
+               on a closed round's item while the engine trained) or "review" (a correction after the
+               round closed, which decides the item's training label)
+  answer_history  every answer as it was before a replacement, correction or undo
+  leases       which annotator holds which item (kind "label" or "check"), until when (unix seconds)
   files        the data folder's manifest (image folders): one stable item id per file name, so a
                folder that grows (or loses files) keeps every answer on its picture
 """
@@ -36,17 +40,22 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import sqlite_utils
 
 from al_engine.errors import UserError
 
 SCHEMA_VERSION = 6
 SKIP = -1  # the label an answer carries when the annotator skipped the item
-LEASE_SECONDS = 600  # an item stays with one annotator this long (10 minutes) unless answered
+LEASE_SECONDS = 100  # an item stays with one annotator this long unless answered or renewed by a heartbeat
+# (the page renews every 30 s while its tab is open, so a closed tab's items come free within 2 minutes)
+MAX_HELD = 24  # the most items one annotator may hold at once (grid mode shows 24), and at most half a batch
+LABEL_MODELS = ("majority", "dawid-skene")
 ROLES = ("annotator", "admin")
 OWNER = "owner"  # the built-in admin whose token is printed at start-up
 IMPORT_USER = "import"  # the annotator that labels imported with `app.py import` are recorded under
@@ -249,6 +258,28 @@ def _reserved(db: sqlite_utils.Database) -> None:
     """A version number taken by work on another branch; nothing to do on this one."""
 
 
+def _migrate_to_4(db: sqlite_utils.Database) -> None:
+    """Workflow: corrections keep their history, leases per (item, annotator) for overlap, checks."""
+    columns = {column.name for column in db["answers"].columns}
+    if "source" not in columns:
+        db.execute("alter table answers add column source text not null default 'batch'")
+    if "answer_history" not in db.table_names():
+        db["answer_history"].create({
+            "id": int, "answer_id": int, "item_id": int, "annotator_id": int, "round": int, "label": int,
+            "source": str, "created": float, "updated": float, "replaced": float, "change": str,
+        }, pk="id")
+        db["answer_history"].create_index(["item_id"])
+    if "users" in db.table_names() and "instructions_seen" not in {c.name for c in db["users"].columns}:
+        db.execute("alter table users add column instructions_seen text")
+    lease_columns = {column.name for column in db["leases"].columns}
+    if "kind" not in lease_columns:  # leases are ephemeral: rebuilt with a key per (item, annotator)
+        db.execute("drop table leases")
+        db["leases"].create({"item_id": int, "annotator_id": int, "expires": float, "kind": str},
+                            pk=("item_id", "annotator_id"),
+                            foreign_keys=[("item_id", "items", "id"), ("annotator_id", "users", "id")])
+        db["leases"].create_index(["annotator_id"])
+
+
 def _migrate_to_6(db: sqlite_utils.Database) -> None:
     # The manifest of an image folder: item ids follow file names, not positions in a sorted listing.
     if "files" not in db.table_names():
@@ -289,7 +320,7 @@ def _migrate_to_5(db: sqlite_utils.Database) -> None:
 
 
 MIGRATIONS = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3,
-              4: _reserved,  # reserved: workflow's migration
+              4: _migrate_to_4,
               5: _migrate_to_5,
               6: _migrate_to_6}
 
@@ -463,6 +494,13 @@ class AnnotationDB:
         address = json.loads(stored)
         return address["host"], int(address["port"])
 
+    def set_run_setting(self, key: str, value) -> None:
+        """Change one stored setting of the run (a strategy change the user asked for)."""
+        with self.transaction():
+            stored = json.loads(self.get_meta("run") or "{}")
+            stored[key] = value
+            self._set_meta("run", json.dumps(stored, sort_keys=True))
+
     def run_settings(self) -> dict | None:
         stored = self.get_meta("run")
         return None if stored is None else json.loads(stored)
@@ -535,6 +573,15 @@ class AnnotationDB:
         if row is None or not hmac.compare_digest(row[3], presented):
             return None
         return User(*row)
+
+    def instructions_seen(self, user_id: int) -> str | None:
+        """The version of the guidelines this user last saw (None: never)."""
+        row = self.db.execute("select instructions_seen from users where id = ?", [user_id]).fetchone()
+        return row[0] if row else None
+
+    def mark_instructions_seen(self, user_id: int, version: str) -> None:
+        with self.transaction(durable=False):
+            self.db.execute("update users set instructions_seen = ? where id = ?", [version, user_id])
 
     def user_by_id(self, user_id: int) -> User | None:
         row = self.db.execute("select id, name, role, token_hash from users where id = ? and removed is null",
@@ -609,16 +656,29 @@ class AnnotationDB:
                              float(score), model_version, int(predicted is not None),
                              None if predicted is None else int(predicted)])
 
-    def close_round_if_complete(self, round_index: int) -> bool:
-        """Close a labeling round once every item of its batch has an answer (or a skip)."""
+    def overlap(self) -> int:
+        """How many different annotators answer each item before it counts as done (--overlap)."""
+        return int(self.get_meta("overlap", "1"))
+
+    def label_model(self) -> str:
+        """How an item's answers become its training label: "majority" or "dawid-skene"."""
+        return self.get_meta("label_model", "majority")
+
+    def close_round_if_complete(self, round_index: int, grace_s: float = 0.0, now: float | None = None) -> bool:
+        """Close a labeling round once every item of its batch has `overlap` answers (or skips) and the
+        last answer is `grace_s` seconds old (so that the batch's last answer can still be undone)."""
+        now = _now() if now is None else now
         with self.transaction():
             row = self.db.execute("select state from rounds where round = ?", [round_index]).fetchone()
             if row is None or row[0] != "labeling":
                 return row is not None and row[0] != "labeling"
             if self._remaining(round_index) > 0:
                 return False
-            self.db.execute("update rounds set state = 'closed', closed = ? where round = ?", [_now(), round_index])
-            self.db.execute("delete from leases")
+            last = self.db.execute("select max(updated) from answers where round = ?", [round_index]).fetchone()[0]
+            if grace_s > 0 and last is not None and now - last < grace_s:
+                return False
+            self.db.execute("update rounds set state = 'closed', closed = ? where round = ?", [now, round_index])
+            self.db.execute("delete from leases where kind = 'label'")
             return True
 
     def record_training(self, round_index: int, labeled: int, accuracy: float | None, train_s: float,
@@ -641,16 +701,50 @@ class AnnotationDB:
             else:
                 self._insert_round(round_index + 1, **next_batch)
 
-    def training_answers(self, up_to_round: int) -> tuple[list[int], list[int], list[int]]:
-        """(items, labels, rounds) for training: per item, the latest non-skip answer of any
-        annotator in rounds <= up_to_round."""
+    def _votes(self, where: str = "", params: list | None = None) -> dict[int, list[tuple]]:
+        """Non-skip answers per item: (annotator id, label, created, updated, source, round, id, seq), oldest first."""
         rows = self.db.execute(
-            "select item_id, label, round from ("
-            "  select item_id, label, round, row_number() over ("
-            "    partition by item_id order by seq desc) as latest"
-            "  from answers where label >= 0 and round <= ?"
-            ") where latest = 1 order by item_id", [up_to_round]).fetchall()
-        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+            "select item_id, annotator_id, label, created, updated, source, round, id, seq from answers "
+            f"where label >= 0 {where} order by id", params or []).fetchall()
+        votes: dict[int, list[tuple]] = {}
+        for item_id, *rest in rows:
+            votes.setdefault(item_id, []).append(tuple(rest))
+        return votes
+
+    def decide_labels(self, votes: dict[int, list[tuple]], num_classes: int | None = None) -> dict[int, int]:
+        """Each item's training label from its answers (as `_votes` gives them): the latest correction
+        ("review" answer) if there is one, else the majority of the annotators' answers (ties: the earliest
+        answer's label), or with the "dawid-skene" label model the Dawid-Skene estimate."""
+        from .agreement import dawid_skene, majority_label
+
+        decided, undecided = {}, {}
+        for item, answers in votes.items():
+            reviews = [a for a in answers if a[4] == "review"]
+            if reviews:
+                decided[item] = max(reviews, key=lambda a: (a[7] or 0, a[6]))[1]  # the latest by seq, not clock
+                continue
+            latest = {}  # one vote per annotator: their latest answer (an item may be in several rounds)
+            for answer in answers:
+                latest[answer[0]] = answer
+            undecided[item] = latest
+        if self.label_model() == "dawid-skene" and undecided:
+            classes = num_classes or 1 + max(a[1] for item in undecided.values() for a in item.values())
+            posteriors = dawid_skene({item: {annotator: a[1] for annotator, a in latest.items()}
+                                      for item, latest in undecided.items()}, classes)
+            decided.update({item: int(np.argmax(posterior)) for item, posterior in posteriors.items()})
+        else:
+            # ties: the earliest answer, by insertion order (ids), which a stepped clock cannot reorder
+            decided.update({item: majority_label([(a[6], a[1]) for a in latest.values()])
+                            for item, latest in undecided.items()})
+        return decided
+
+    def training_answers(self, up_to_round: int) -> tuple[list[int], list[int], list[int]]:
+        """(items, labels, rounds) for training: per item of rounds <= up_to_round, the label
+        `decide_labels` gives (corrections made after a round closed included), and the item's round."""
+        votes = self._votes("and round <= ?", [up_to_round])
+        labels = self.decide_labels(votes, len((self.run_settings() or {}).get("classes") or []) or None)
+        items = sorted(labels)
+        return items, [labels[i] for i in items], [min(a[5] for a in votes[i]) for i in items]
 
     def batch_answers(self, round_index: int) -> list[int]:
         """The training label (as `training_answers` gives it) of each item of the round's batch, in
@@ -662,9 +756,10 @@ class AnnotationDB:
         return [latest.get(row[0], SKIP) for row in batch]
 
     def _remaining(self, round_index: int) -> int:
+        """Items of the round's batch with fewer than `overlap` answers (skips count as answers)."""
         return self.db.execute(
-            "select count(*) from batch_items b where b.round = ? and not exists "
-            "(select 1 from answers a where a.item_id = b.item_id and a.round = b.round)", [round_index]).fetchone()[0]
+            "select count(*) from batch_items b where b.round = ? and (select count(*) from answers a "
+            "where a.item_id = b.item_id and a.round = b.round) < ?", [round_index, self.overlap()]).fetchone()[0]
 
     def audit_estimates(self) -> list[dict]:
         """Per model (the round whose trained model posted a batch with audit items): its accuracy on
@@ -700,61 +795,130 @@ class AnnotationDB:
         return self.db.execute("select count(distinct item_id) from answers where label >= 0").fetchone()[0]
 
     def class_counts(self) -> dict[int, int]:
-        """Per class, how many items carry it as their latest non-skip answer."""
-        rows = self.db.execute(
-            "select label, count(*) from (select item_id, label, row_number() over ("
-            "  partition by item_id order by seq desc) as latest from answers where label >= 0"
-            ") where latest = 1 group by label").fetchall()
-        return {label: count for label, count in rows}
+        """Per class, how many items carry it as their training label."""
+        return dict(Counter(self.decide_labels(self._votes()).values()))
 
     # ---------------------------------------------------------------------------------------- leases
 
-    def lease_tasks(self, user_id: int, count: int = 1, now: float | None = None) -> list[int]:
-        """Up to `count` unanswered items of the open batch, leased to this annotator for 10 minutes:
-        the ones they already hold first, then free ones in the strategy's pick order."""
+    def lease_cap(self, query_size: int) -> int:
+        """The most items one annotator may hold at once: MAX_HELD, and never more than half the batch
+        (at least 4, what the page preloads), so that one person cannot take a whole batch away."""
+        return max(4, min(MAX_HELD, query_size // 2))
+
+    def lease_tasks(self, user_id: int, count: int = 1, now: float | None = None, checks: bool = False) -> list[int]:
+        """Up to `count` items of the open batch for this annotator, leased for LEASE_SECONDS: the ones
+        they already hold first, then free ones in the strategy's pick order; never one they answered,
+        never one that already has (or is leased towards) `overlap` answers; at most `lease_cap` held.
+
+        With `checks`, when the open batch has nothing for them (the engine trains, or the rest is with
+        others), items of closed rounds that they did not answer, for a blind second opinion."""
         now = _now() if now is None else now
         with self.transaction(durable=False):  # a lease lost to a power cut is simply handed out again
             current = self.current_round()
-            if current is None or current["state"] != "labeling":
+            if current is None or self.is_finished():
                 return []
-            unanswered = ("select b.item_id, b.position from batch_items b where b.round = :round and not exists "
-                          "(select 1 from answers a where a.item_id = b.item_id and a.round = b.round)")
-            rows = self.db.execute(
-                f"select u.item_id, l.annotator_id from ({unanswered}) u "
-                "left join leases l on l.item_id = u.item_id and l.expires > :now "
-                "where l.annotator_id is null or l.annotator_id = :user "
-                "order by (l.annotator_id is null), u.position limit :count",
-                {"round": current["round"], "now": now, "user": user_id, "count": count}).fetchall()
-            items = [row[0] for row in rows]
+            items: list[int] = []
+            if current["state"] == "labeling":
+                rows = self.db.execute(
+                    "select item_id from (select b.item_id, b.position, "
+                    " (select count(*) from answers a where a.item_id = b.item_id and a.round = b.round) as answered, "
+                    " (select count(*) from leases l where l.item_id = b.item_id and l.kind = 'label' "
+                    "   and l.expires > :now and l.annotator_id != :user) as others, "
+                    " exists(select 1 from leases l where l.item_id = b.item_id and l.kind = 'label' "
+                    "   and l.expires > :now and l.annotator_id = :user) as mine "
+                    " from batch_items b where b.round = :round and not exists (select 1 from answers a "
+                    "   where a.item_id = b.item_id and a.round = b.round and a.annotator_id = :user)) "
+                    "where answered < :overlap and (mine or answered + others < :overlap) "
+                    "order by mine desc, position limit :count",
+                    {"round": current["round"], "now": now, "user": user_id, "overlap": self.overlap(),
+                     "count": min(count, self.lease_cap(current["query_size"]))}).fetchall()
+                items = [row[0] for row in rows]
+                kind = "label"
+            if not items and checks:
+                rows = self.db.execute(
+                    "select b.item_id from batch_items b join rounds r on r.round = b.round "
+                    "where r.state != 'labeling' and exists (select 1 from answers a where a.item_id = b.item_id "
+                    "  and a.round = b.round and a.label >= 0) "
+                    "and not exists (select 1 from answers a where a.item_id = b.item_id and a.annotator_id = :user) "
+                    "order by exists(select 1 from leases l where l.item_id = b.item_id and l.annotator_id = :user "
+                    "  and l.expires > :now) desc, "
+                    "(select count(*) from answers a where a.item_id = b.item_id) asc, b.round desc, b.position "
+                    "limit :count", {"user": user_id, "now": now, "count": min(count, MAX_HELD)}).fetchall()
+                items = [row[0] for row in rows]
+                kind = "check"
             for item_id in items:
-                self.db.execute("insert into leases(item_id, annotator_id, expires) values (?, ?, ?) "
-                                "on conflict(item_id) do update set annotator_id = excluded.annotator_id, "
-                                "expires = excluded.expires", [item_id, user_id, now + LEASE_SECONDS])
+                self.db.execute("insert into leases(item_id, annotator_id, expires, kind) values (?, ?, ?, ?) "
+                                "on conflict(item_id, annotator_id) do update set expires = excluded.expires, "
+                                "kind = excluded.kind", [item_id, user_id, now + LEASE_SECONDS, kind])
         return items
+
+    def task_kinds(self, user_id: int, item_ids: list[int]) -> dict[int, str]:
+        """"label" or "check" per item this annotator holds."""
+        if not item_ids:
+            return {}
+        marks = ",".join("?" * len(item_ids))
+        return dict(self.db.execute(f"select item_id, kind from leases where annotator_id = ? and item_id in ({marks})",
+                                    [user_id, *item_ids]).fetchall())
+
+    def renew_leases(self, user_id: int, now: float | None = None) -> int:
+        """The heartbeat of an open page: every unexpired lease of this annotator runs LEASE_SECONDS again."""
+        now = _now() if now is None else now
+        with self.transaction(durable=False):
+            return self.db.execute("update leases set expires = ? where annotator_id = ? and expires > ?",
+                                   [now + LEASE_SECONDS, user_id, now]).rowcount
+
+    def active_leases(self, now: float | None = None) -> list[dict]:
+        """Who holds what (admin page): one row per annotator, their items and when the leases lapse."""
+        now = _now() if now is None else now
+        rows = self.db.execute(
+            "select u.id, u.name, l.kind, group_concat(l.item_id), max(l.expires) from leases l "
+            "join users u on u.id = l.annotator_id where l.expires > ? group by u.id, l.kind order by u.name",
+            [now]).fetchall()
+        return [{"annotator_id": uid, "annotator": name, "kind": kind,
+                 "item_ids": sorted(int(i) for i in items.split(",")), "expires_in_s": round(expires - now)}
+                for uid, name, kind, items, expires in rows]
+
+    def release_leases(self, user_id: int | None = None, item_id: int | None = None) -> int:
+        """Admin: hand one annotator's items (or one item) back to everyone; returns how many."""
+        with self.transaction(durable=False):
+            if user_id is not None:
+                return self.db.execute("delete from leases where annotator_id = ?", [user_id]).rowcount
+            if item_id is not None:
+                return self.db.execute("delete from leases where item_id = ?", [item_id]).rowcount
+            return 0
 
     def item_in_batches(self, item_id: int) -> bool:
         return self.db.execute("select 1 from batch_items where item_id = ? limit 1", [item_id]).fetchone() is not None
 
     # ---------------------------------------------------------------------------------------- answers
 
-    def record_answer(self, user_id: int, item_id: int, label: int, time_taken_ms: int | None = None) -> str:
-        """Store an answer before returning: 'created', 'unchanged' (same answer again) or 'replaced'
-        (a different answer from the same annotator). Raises NotFound / Conflict."""
+    def record_answer(self, user_id: int, item_id: int, label: int, time_taken_ms: int | None = None,
+                      is_admin: bool = False) -> str:
+        """Store an answer before returning: 'created', 'unchanged' (same answer again), 'replaced' (a
+        different answer from the same annotator), 'checked' (a second opinion on a closed round's item
+        they were handed) or 'corrected' (an answer to a closed round's item: it decides the item's label
+        from the next training on). Raises NotFound / Conflict."""
         with self.transaction():
-            return self._record_answer(user_id, item_id, label, time_taken_ms, _now())
+            return self._record_answer(user_id, item_id, label, time_taken_ms, _now(), is_admin)
 
-    def record_answers(self, user_id: int, item_ids: list[int], label: int) -> list[str]:
-        """Grid mode: one label for many items in one transaction, all or nothing (an unknown or
-        closed item raises NotFound / Conflict and records none of them)."""
+    def record_answers(self, user_id: int, item_ids: list[int], label: int, is_admin: bool = False) -> list[str]:
+        """Grid mode: one label for many items in one transaction, all or nothing (an unknown item, or
+        one leased to someone else, raises NotFound / Conflict and records none of them)."""
         now = _now()
         with self.transaction():
-            return [self._record_answer(user_id, item_id, label, None, now) for item_id in item_ids]
+            return [self._record_answer(user_id, item_id, label, None, now, is_admin) for item_id in item_ids]
 
     # Answers are ordered by this counter (inside the write transaction, so it is strictly increasing),
     # never by the clock, which NTP or a person may step back.
     _NEXT_SEQ = "(select coalesce(max(seq), 0) + 1 from answers)"
 
-    def _record_answer(self, user_id: int, item_id: int, label: int, time_taken_ms: int | None, now: float) -> str:
+    def _keep_history(self, answer_id: int, now: float, change: str) -> None:
+        self.db.execute("insert into answer_history(answer_id, item_id, annotator_id, round, label, source, created, "
+                        "updated, replaced, change) select id, item_id, annotator_id, round, label, source, created, "
+                        "updated, ?, ? from answers where id = ?", [now, change, answer_id])
+
+    def _record_answer(self, user_id: int, item_id: int, label: int, time_taken_ms: int | None, now: float,
+                       is_admin: bool = False) -> str:
         """One answer, inside the caller's transaction."""
         batch = self.db.execute(
             "select b.round, b.strategy, b.score, b.model_version, r.state from batch_items b "
@@ -763,23 +927,46 @@ class AnnotationDB:
         if batch is None:
             raise NotFound(f"item {item_id} is in no batch")
         round_index, strategy, score, model_version, state = batch
-        if state != "labeling":
-            raise Conflict(f"item {item_id} belongs to round {round_index}, which is closed")
-        existing = self.db.execute("select id, label from answers where item_id = ? and annotator_id = ? "
+        existing = self.db.execute("select id, label, source from answers where item_id = ? and annotator_id = ? "
                                    "and round = ?", [item_id, user_id, round_index]).fetchone()
-        if existing is not None and existing[1] == label:
+        lease = self.db.execute("select kind from leases where item_id = ? and annotator_id = ? and expires > ?",
+                                [item_id, user_id, now]).fetchone()
+        if state == "labeling":
+            source = "batch"
+            if existing is None and lease is None and not is_admin:
+                answered = self.db.execute("select count(*) from answers where item_id = ? and round = ?",
+                                           [item_id, round_index]).fetchone()[0]
+                others = self.db.execute("select count(*) from leases where item_id = ? and kind = 'label' "
+                                         "and expires > ? and annotator_id != ?", [item_id, now, user_id]).fetchone()[0]
+                if others and answered + others >= self.overlap():
+                    raise Conflict(f"item {item_id} is leased to another annotator")
+        elif label == SKIP:
+            raise Conflict(f"item {item_id} belongs to round {round_index}, which is closed: "
+                           "a correction must name a class")
+        elif existing is None and lease is not None and lease[0] == "check":
+            source = "check"  # a blind second opinion while the engine trained: one more vote
+        else:
+            source = "review"  # a correction: it decides the item's label
+        if existing is not None and existing[1] == label and (source != "review" or existing[2] == "review"):
             outcome = "unchanged"
         elif existing is not None:
-            self.db.execute(f"update answers set label = ?, time_taken_ms = ?, updated = ?, seq = {self._NEXT_SEQ} "
-                            "where id = ?", [label, time_taken_ms, now, existing[0]])
-            outcome = "replaced"
+            self._keep_history(existing[0], now, "corrected" if source == "review" else "replaced")
+            self.db.execute("update answers set label = ?, time_taken_ms = coalesce(?, time_taken_ms), updated = ?, "
+                            f"source = ?, seq = {self._NEXT_SEQ} where id = ?", [label, time_taken_ms, now, source, existing[0]])
+            outcome = "corrected" if source == "review" else "replaced"
         else:
             self.db.execute(
                 "insert into answers(item_id, annotator_id, round, label, time_taken_ms, created, updated, "
-                f"strategy, score, model_version, seq) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {self._NEXT_SEQ})",
-                [item_id, user_id, round_index, label, time_taken_ms, now, now, strategy, score, model_version])
-            outcome = "created"
-        self.db.execute("delete from leases where item_id = ?", [item_id])
+                f"strategy, score, model_version, source, seq) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {self._NEXT_SEQ})",
+                [item_id, user_id, round_index, label, time_taken_ms, now, now, strategy, score, model_version,
+                 source])
+            outcome = {"batch": "created", "check": "checked", "review": "corrected"}[source]
+        self.db.execute("delete from leases where item_id = ? and annotator_id = ?", [item_id, user_id])
+        if state == "labeling":
+            answered = self.db.execute("select count(*) from answers where item_id = ? and round = ?",
+                                       [item_id, round_index]).fetchone()[0]
+            if answered >= self.overlap():
+                self.db.execute("delete from leases where item_id = ? and kind = 'label'", [item_id])
         return outcome
 
     def undo_answer(self, user_id: int, item_id: int) -> None:
@@ -792,11 +979,75 @@ class AnnotationDB:
             if row is None:
                 raise NotFound(f"you have no answer to item {item_id}")
             if row[1] != "labeling":
-                raise Conflict(f"the round of item {item_id} is closed; its answer can no longer be undone")
+                raise Conflict(f"the round of item {item_id} is closed: answer it again to correct it "
+                               "(the correction is used from the next training on)")
+            now = _now()
+            self._keep_history(row[0], now, "undone")
             self.db.execute("delete from answers where id = ?", [row[0]])
-            self.db.execute("insert into leases(item_id, annotator_id, expires) values (?, ?, ?) "
-                            "on conflict(item_id) do update set annotator_id = excluded.annotator_id, "
-                            "expires = excluded.expires", [item_id, user_id, _now() + LEASE_SECONDS])
+            self.db.execute("insert into leases(item_id, annotator_id, expires, kind) values (?, ?, ?, 'label') "
+                            "on conflict(item_id, annotator_id) do update set expires = excluded.expires, "
+                            "kind = 'label'", [item_id, user_id, now + LEASE_SECONDS])
+
+    def answer_history(self, item_id: int) -> list[dict]:
+        """Every earlier version of the item's answers (replaced, corrected, undone), oldest first."""
+        return list(self.db.query("select h.*, u.name as annotator from answer_history h join users u "
+                                  "on u.id = h.annotator_id where h.item_id = ? order by h.id", [item_id]))
+
+    def agreement(self, classes: list[str]) -> dict:
+        """Agreement between annotators (GET /api/agreement, the dashboard): see agreement_report."""
+        from .agreement import agreement_report
+
+        names = dict(self.db.execute("select id, name from users").fetchall())
+        answers = {item: {names[a[0]]: a[1] for a in votes} for item, votes in self._votes().items()}
+        return agreement_report(answers, classes)
+
+    def recent_answers(self, user_id: int, limit: int = 10) -> list[dict]:
+        """This annotator's latest answers (skips included), newest first: the labeling page's history."""
+        return list(self.db.query(
+            "select a.item_id, a.label, a.round, a.updated, a.source, r.state from answers a "
+            "join rounds r on r.round = a.round where a.annotator_id = ? order by a.updated desc, a.id desc limit ?",
+            [user_id, limit]))
+
+    def review_items(self, label: int | None = None, annotator_id: int | None = None, round_index: int | None = None,
+                     disagreements: bool = False, conflicts: bool = False, limit: int = 48,
+                     offset: int = 0) -> tuple[list[dict], int]:
+        """Items for the review page, newest answer first, with every answer and the training label.
+
+        Filters: an answer with this class / by this annotator / in this round; `disagreements`: the
+        item's answers name more than one class; `conflicts`: disagreements no correction has settled."""
+        where, params = ["a.label >= 0"], []
+        if label is not None:
+            where.append("a.label = ?")
+            params.append(label)
+        if annotator_id is not None:
+            where.append("a.annotator_id = ?")
+            params.append(annotator_id)
+        if round_index is not None:
+            where.append("a.round = ?")
+            params.append(round_index)
+        having = ""
+        if disagreements or conflicts:
+            where.append("a.item_id in (select item_id from answers where label >= 0 group by item_id "
+                         "having count(distinct label) > 1)")
+        if conflicts:
+            where.append("a.item_id not in (select item_id from answers where source = 'review')")
+        sql = f"select a.item_id, max(a.updated) as last from answers a where {' and '.join(where)} group by a.item_id{having}"
+        total = self.db.execute(f"select count(*) from ({sql})", params).fetchone()[0]
+        rows = self.db.execute(sql + " order by last desc, a.item_id limit ? offset ?", [*params, limit, offset]).fetchall()
+        item_ids = [r[0] for r in rows]
+        if not item_ids:
+            return [], total
+        marks = ",".join("?" * len(item_ids))
+        decided = self.decide_labels(self._votes(f"and item_id in ({marks})", item_ids))
+        names = dict(self.db.execute("select id, name from users").fetchall())
+        files = dict(self.db.execute(f"select id, file_name from items where id in ({marks})", item_ids).fetchall())
+        answers: dict[int, list[dict]] = {i: [] for i in item_ids}
+        for row in self.db.execute(f"select item_id, annotator_id, label, round, source, updated from answers "
+                                   f"where item_id in ({marks}) order by id", item_ids).fetchall():
+            answers[row[0]].append({"annotator": names.get(row[1], "?"), "annotator_id": row[1], "label": row[2],
+                                    "round": row[3], "source": row[4], "time": _iso(row[5])})
+        return [{"item_id": i, "file_name": files.get(i), "label": decided.get(i), "answers": answers[i],
+                 "disagreement": len({a["label"] for a in answers[i] if a["label"] >= 0}) > 1} for i in item_ids], total
 
     def answers_of(self, item_id: int) -> list[dict]:
         return list(self.db.query("select a.*, u.name as annotator from answers a join users u "

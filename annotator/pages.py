@@ -10,14 +10,71 @@ from .auth import current_user, require_user, sign_in_page
 
 bp = Blueprint("pages", __name__)
 
-KEYS = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "0"]  # key i answers class i (0 = the tenth)
+# Keys with another meaning on the labeling pages: skip, grid, select all, help, zoom, review moves (j, k),
+# space (a focused
+# button's own key, never an answer).
+RESERVED_KEYS = {"s", "g", "a", "h", "z", "j", "k", "?", " "}
+# Position keys in order: 1-9 and 0 for the first ten classes, then Shift+1 ... Shift+0, then letters.
+POSITION_KEYS = ([*"1234567890"] + [f"shift+{d}" for d in "1234567890"]
+                 + [c for c in "bcdefilmnopqrtuvwxy" if c not in RESERVED_KEYS])
 GRID_SIZE = 24  # images per grid page
 BUSY_STATES = {"starting", "training", "querying"}
 
 
+def key_map(classes: list[str]) -> list[str]:
+    """The key of each class: a class whose name is a single key answers to that key (on digits,
+    "3" is 3); the others get the key of their position (1-9, 0), or the next free one (Shift+digit,
+    then letters). Keys are lower case; "shift+1" means Shift with the digit 1 of the top row."""
+    keys: list[str | None] = [None] * len(classes)
+    taken: set[str] = set()
+    for index, name in enumerate(classes):
+        key = name.strip().lower()
+        if len(key) == 1 and key.isprintable() and key not in RESERVED_KEYS and key not in taken:
+            keys[index] = key
+            taken.add(key)
+    for index in range(len(classes)):
+        if keys[index] is not None:
+            continue
+        preferred = POSITION_KEYS[index] if index < len(POSITION_KEYS) else None
+        key = preferred if preferred and preferred not in taken else next(
+            (k for k in POSITION_KEYS if k not in taken), None)
+        if key is None:
+            keys[index] = ""  # more classes than keys: the button still answers
+            continue
+        keys[index] = key
+        taken.add(key)
+    return [k or "" for k in keys]
+
+
+def key_label(key: str) -> str:
+    """How a key is shown on its button: Shift+1 as ⇧1."""
+    return "⇧" + key[len("shift+"):] if key.startswith("shift+") else key
+
+
 def class_buttons() -> list[dict]:
-    return [{"index": i, "name": name, "key": KEYS[i] if i < len(KEYS) else ""}
-            for i, name in enumerate(annotator_state().classes)]
+    classes = annotator_state().classes
+    return [{"index": i, "name": name, "key": key, "key_label": key_label(key)}
+            for i, (name, key) in enumerate(zip(classes, key_map(classes)))]
+
+
+def page_config(mode: str, prefetch: int) -> dict:
+    """What label.js needs: the CSRF token, the mode, the classes and their keys, the guidelines' version."""
+    from .auth import csrf_token
+    from .instructions import instructions_version
+
+    state, user = annotator_state(), current_user()
+    buttons = class_buttons()
+    text = state.instructions
+    version = instructions_version(text) if text else None
+    return {"csrf": csrf_token(), "mode": mode, "classes": [b["name"] for b in buttons],
+            "keys": [b["key"] for b in buttons], "prefetch": prefetch,
+            "instructions": version, "show_instructions": bool(version) and get_db().instructions_seen(user.id) != version}
+
+
+def instructions_html():
+    from .instructions import render_markdown
+
+    return render_markdown(annotator_state().instructions) if annotator_state().instructions else None
 
 
 @bp.get("/")
@@ -30,13 +87,15 @@ def index():
 
 @require_user()
 def label_page():
-    return render_template("label.html", classes=class_buttons(), status=status_payload())
+    return render_template("label.html", classes=class_buttons(), status=status_payload(),
+                           config=page_config("single", 4), instructions=instructions_html())
 
 
 @bp.get("/grid")
 @require_user()
 def grid():
-    return render_template("grid.html", classes=class_buttons(), status=status_payload(), grid_size=GRID_SIZE)
+    return render_template("grid.html", classes=class_buttons(), status=status_payload(), grid_size=GRID_SIZE,
+                           config=page_config("grid", GRID_SIZE), instructions=instructions_html())
 
 
 def poll_delay(engine_state: str, finished: bool) -> str | None:
@@ -91,6 +150,7 @@ def dashboard_context() -> dict:
         {**estimate, "labeled": estimate["labeled"] or 0} for estimate in audit]
     stopping = next((r for r in reversed(rounds) if r.get("kappa") is not None), None)
     return {"status": status, "class_counts": classes, "rounds": rounds, "curve": learning_curve(curve_rounds),
+            "agreement": db.agreement(state.classes), "overlap": db.overlap(), "label_model": db.label_model(),
             "has_test_split": has_test_split, "audit": {e["round"]: e for e in audit},
             "curve_is_audit": not has_test_split and bool(audit), "stopping": stopping,
             "poll": poll_delay(status["engine"], status["finished"]), "run": state.run_config,

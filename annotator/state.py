@@ -24,6 +24,7 @@ class AnnotatorState:
     driver: EngineDriver
     worker: EngineWorker | None = None  # the background thread when START_ENGINE
     pictures: PictureCache = field(default_factory=PictureCache)  # item id -> the encoded picture shown
+    instructions: str = ""  # the project's guidelines for annotators (Markdown), from --instructions
     ids: ItemIds | None = None  # pool position <-> stable item id (None: the same number)
     folder: object = None  # annotator.FolderReport of the start: unreadable, new and vanished files
 

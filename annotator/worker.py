@@ -76,8 +76,9 @@ class EngineDriver:
     can drive it, and `EngineWorker` calls it from a background thread."""
 
     def __init__(self, engine: Engine, db_path: str, status: EngineStatus | None = None,
-                 ids: ItemIds | None = None):
+                 ids: ItemIds | None = None, close_grace_s: float = 0.0):
         self.engine = engine
+        self.close_grace_s = close_grace_s  # seconds a complete batch stays open for an undo of its last answer
         self.db = AnnotationDB(db_path)  # this thread's own connection
         self.db_path = db_path
         self.db_identity = file_identity(db_path)  # an open connection keeps writing to a deleted file: look
@@ -121,7 +122,8 @@ class EngineDriver:
             self.status.set("finished", 1.0, f"all {round_index + 1} batches answered", round_index)
             return False
         if current["state"] == "labeling":
-            if self.oracle.collect(round_index) is None:
+            closed = self.db.close_round_if_complete(round_index, self.close_grace_s)
+            if not closed or self.oracle.collect(round_index) is None:
                 progress = self.db.batch_progress()
                 done = progress["query_size"] - progress["remaining"]
                 self.status.set("waiting", done / max(progress["query_size"], 1),

@@ -1,15 +1,28 @@
 // The labeling page and grid mode: answer with keys or buttons, no full-page reloads.
 // Items come leased from /api/tasks; the next ones are preloaded so the following image shows at once.
+// While the engine trains, the server hands out closed rounds' items for a second opinion (kind "check").
 (() => {
   "use strict";
   const config = JSON.parse(document.getElementById("annotator-config").textContent);
   const grid = config.mode === "grid";
   const classes = config.classes;
-  const keys = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "0"];
+  const keys = config.keys;   // the key of each class (pages.key_map): "3", "x", "shift+1"
+  const HISTORY = 10;         // answers that Backspace (and the recent list) can bring back
+  const HEARTBEAT_MS = 30000; // leases lapse without a heartbeat (db.LEASE_SECONDS = 100 s)
+
+  // The key of a keydown as key_map names keys: Shift with a top-row digit is "shift+D" on any layout.
+  function keyOf(event) {
+    if (event.shiftKey && /^Digit[0-9]$/.test(event.code)) {
+      const plain = event.key.length === 1 ? event.key.toLowerCase() : "";
+      if (plain && keys.includes(plain)) return plain;
+      return "shift+" + event.code.slice(5);
+    }
+    return event.key.length === 1 ? event.key.toLowerCase() : event.key;
+  }
 
   let queue = [];            // tasks leased to me; in single mode queue[0] is on screen
   const answered = new Set(); // item ids answered here but maybe not yet confirmed by the server
-  const history = [];         // answered tasks, most recent last (for undo)
+  const history = [];         // answered tasks, most recent last (for undo), at most HISTORY
   const selected = new Set(); // grid mode: item ids selected
   let shownAt = performance.now();
   let pollTimer = null;
@@ -82,12 +95,25 @@
         if (image.dataset.itemId !== String(task.item_id)) {
           image.src = task.image_url;
           image.dataset.itemId = task.item_id;
-          $("item-caption").textContent = "item " + task.item_id;
+          $("item-caption").textContent = task.name || ("item " + task.item_id);
+          $("item-size").textContent = task.width && task.height ? `${task.width} × ${task.height} px` : "";
           shownAt = performance.now();
         }
+        const note = $("task-note");
+        note.hidden = !(task.correcting || task.kind === "check");
+        note.textContent = task.correcting
+          ? "Its round has closed: your answer corrects it and is used from the next training on."
+          : "Second opinion while the engine trains: the label is hidden; your answer adds a vote.";
       }
     }
     if (empty) schedulePoll();
+  }
+
+  function toggleZoom() {
+    const frame = $("image-frame");
+    if (!frame || grid) return;
+    const actual = frame.classList.toggle("zoom-actual");
+    $("zoom-state").textContent = actual ? "100%" : "fit";
   }
 
   function renderGrid() {
@@ -130,7 +156,7 @@
     clearTimeout(pollTimer);
     let response;
     try {
-      response = await api("GET", "/api/tasks?count=" + config.prefetch);
+      response = await api("GET", "/api/tasks?checks=1&count=" + config.prefetch);
     } catch (error) {
       toast("The server cannot be reached; retrying…");
       schedulePoll();
@@ -141,6 +167,8 @@
     const data = await response.json();
     const onScreen = queue.length ? queue[0].item_id : null;
     let tasks = data.tasks.filter((t) => !answered.has(t.item_id));
+    const corrections = queue.filter((t) => t.correcting);  // brought back by undo after their round closed
+    tasks = [...corrections, ...tasks.filter((t) => !corrections.some((c) => c.item_id === t.item_id))];
     if (!grid && onScreen !== null) {  // keep the image on screen first, whatever the server's order
       const index = tasks.findIndex((t) => t.item_id === onScreen);
       if (index > 0) tasks.unshift(tasks.splice(index, 1)[0]);
@@ -153,9 +181,9 @@
     render();
   }
 
-  function send(tasks, label) {
+  function send(tasks, label, takenMs) {
     const body = tasks.length === 1 && !grid
-      ? {item_id: tasks[0].item_id, time_taken_ms: Math.round(performance.now() - shownAt)}
+      ? {item_id: tasks[0].item_id, time_taken_ms: takenMs}
       : {item_ids: tasks.map((t) => t.item_id)};
     if (label === null) body.skip = true; else body.label = label;
     const url = "item_id" in body ? "/api/annotations" : "/api/annotations/bulk";
@@ -170,9 +198,18 @@
         const message = response ? (await response.json().catch(() => ({}))).error : "network error";
         toast("Not saved: " + (message || response.status));
         for (const task of tasks) answered.delete(task.item_id);
+      } else if (tasks.length === 1 && !grid) {
+        const outcome = (await response.json().catch(() => ({}))).outcome;
+        if (outcome === "corrected") toast("Corrected: the new label is used from the next training on");
       }
       await refill();
+      refreshRecent();
     });
+  }
+
+  function remember(tasks) {
+    history.push(tasks.map((t) => ({...t, correcting: false})));
+    while (history.length > HISTORY) history.shift();
   }
 
   function answer(label) {
@@ -180,29 +217,33 @@
       const tasks = queue.filter((t) => selected.has(t.item_id));
       if (!tasks.length) { toast("Select images first (click them, or press a for all)"); return; }
       for (const task of tasks) { answered.add(task.item_id); selected.delete(task.item_id); }
-      history.push(tasks);
+      remember(tasks);
       queue = queue.filter((t) => !answered.has(t.item_id));
       render();
       send(tasks, label);
       return;
     }
     if (!queue.length) return;
+    const takenMs = Math.round(performance.now() - shownAt);  // before render() shows the next image
     const task = queue.shift();
     answered.add(task.item_id);
-    history.push([task]);
+    remember([task]);
     render();  // the next image (preloaded) shows before the server answers
-    send([task], label);
+    send([task], label, takenMs);
   }
 
-  function undo() {
-    const tasks = history.pop();
-    if (!tasks) { toast("Nothing to undo"); return; }
+  // Bring answered tasks back: the answer is withdrawn while its round is open; once the round has
+  // closed (the engine may already train on it) the image comes back as a correction.
+  function bringBack(tasks) {
     chain = chain.then(async () => {
       for (const task of tasks) {
         const response = await api("DELETE", "/api/annotations/" + task.item_id).catch(() => null);
         if (response && response.ok) {
           answered.delete(task.item_id);
-          queue = [task, ...queue.filter((t) => t.item_id !== task.item_id)];
+          queue = [{...task, correcting: false}, ...queue.filter((t) => t.item_id !== task.item_id)];
+        } else if (response && response.status === 409 && !grid) {
+          answered.delete(task.item_id);
+          queue = [{...task, correcting: true}, ...queue.filter((t) => t.item_id !== task.item_id)];
         } else {
           const message = response ? (await response.json().catch(() => ({}))).error : "network error";
           toast("Cannot undo: " + (message || response.status));
@@ -210,7 +251,50 @@
       }
       render();
       await refill();
+      refreshRecent();
     });
+  }
+
+  function undo() {
+    const tasks = history.pop();
+    if (!tasks) { toast("Nothing to undo"); return; }
+    bringBack(tasks);
+  }
+
+  async function refreshRecent() {
+    const list = $("recent");
+    if (!list) return;
+    const response = await api("GET", "/api/answers/recent").catch(() => null);
+    if (!response || !response.ok) return;
+    const data = await response.json();
+    list.replaceChildren(...data.answers.map((a) => {
+      const entry = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "recent-entry";
+      button.tabIndex = -1;
+      button.title = a.closed ? "round closed: click to correct" : "click to change";
+      const thumb = document.createElement("img");
+      thumb.src = a.image_url;
+      thumb.alt = "";
+      const text = document.createElement("span");
+      text.textContent = (a.label_name === null ? "skipped" : a.label_name) + (a.source === "review" ? " ✎" : "");
+      button.append(thumb, text);
+      button.addEventListener("click", () => {
+        button.blur();
+        const index = history.findIndex((h) => h.length === 1 && h[0].item_id === a.item_id);
+        if (index >= 0) history.splice(index, 1);
+        bringBack([{item_id: a.item_id, image_url: a.image_url, name: a.name, width: a.width, height: a.height}]);
+      });
+      entry.appendChild(button);
+      return entry;
+    }));
+  }
+
+  function toggleInstructions() {
+    const dialog = $("instructions");
+    if (!dialog) return;
+    if (dialog.open) dialog.close(); else dialog.showModal();
   }
 
   function toggleKeymap() {
@@ -221,11 +305,22 @@
   document.addEventListener("keydown", (event) => {
     if (event.ctrlKey || event.metaKey || event.altKey) return;
     if (event.target.closest && event.target.closest("input, textarea, select")) return;
+    // A focused button must not answer again on Space or Enter (its browser default): keys answer
+    // only through the key map.
+    if ((event.key === " " || event.key === "Enter") && event.target.closest && event.target.closest("main button")) {
+      event.preventDefault();
+      return;
+    }
     if (event.key === "?") { event.preventDefault(); toggleKeymap(); return; }
-    if ($("keymap").open) return;
-    const index = keys.indexOf(event.key);
+    if ($("keymap").open || ($("instructions") && $("instructions").open)) {
+      if (event.key === "h" && $("instructions").open) { event.preventDefault(); toggleInstructions(); }
+      return;
+    }
+    const index = keys.indexOf(keyOf(event));
     if (index >= 0 && index < classes.length) { event.preventDefault(); answer(index); return; }
     if (event.key === "Backspace") { event.preventDefault(); undo(); }
+    else if (event.key === "h") { event.preventDefault(); toggleInstructions(); }
+    else if (event.key === "z" && !grid) { event.preventDefault(); toggleZoom(); }
     else if (event.key === "s" && !grid) { event.preventDefault(); answer(null); }
     else if (event.key === "a" && grid) {
       event.preventDefault();
@@ -233,9 +328,25 @@
       renderGrid();
     } else if (event.key === "g") { window.location.href = grid ? "/" : "/grid"; }
   });
-  document.querySelectorAll(".class-button").forEach((button) => {
-    button.addEventListener("click", () => answer(Number(button.dataset.label)));
+  document.addEventListener("keyup", (event) => {  // Space activates a focused button on keyup
+    if (event.key === " " && event.target.closest && event.target.closest("main button")) event.preventDefault();
   });
+  document.querySelectorAll(".class-button").forEach((button) => {
+    button.addEventListener("click", () => { button.blur(); answer(Number(button.dataset.label)); });
+  });
+  if (!grid) $("image-box").addEventListener("click", toggleZoom);
+  if ($("instructions-button")) $("instructions-button").addEventListener("click", toggleInstructions);
+  if ($("instructions")) {
+    $("instructions").addEventListener("close", () => {
+      if (config.instructions && config.show_instructions) {
+        config.show_instructions = false;
+        api("POST", "/api/instructions/seen", {version: config.instructions}).catch(() => null);
+      }
+    });
+    if (config.show_instructions) $("instructions").showModal();  // first sign-in, or new guidelines
+  }
+  setInterval(() => { api("POST", "/api/heartbeat").catch(() => null); }, HEARTBEAT_MS);
+  refreshRecent();
   $("undo-button").addEventListener("click", undo);
   $("help-button").addEventListener("click", toggleKeymap);
   if ($("skip-button")) $("skip-button").addEventListener("click", () => answer(null));

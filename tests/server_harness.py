@@ -255,7 +255,7 @@ class Server:
 def server_args(db: Path, port: int, **settings) -> list[str]:
     """app.py arguments of a small, fast run on digits (the embedded dataset)."""
     options = {"dataset": "digits", "initial": 40, "query-size": 30, "rounds": 100, "epochs": 1,
-               "strategy": "entropy", "seed": 0, "device": "cpu"}
+               "strategy": "entropy", "seed": 0, "device": "cpu", "close-grace": 0}
     options.update({key.replace("_", "-"): value for key, value in settings.items()})
     argv = ["--db", str(db), "--port", str(port), "--token", TOKEN]
     for key, value in options.items():

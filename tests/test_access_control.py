@@ -15,8 +15,8 @@ from annotator.db import AnnotationDB
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "access-owner-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-PUBLIC = {"static"}  # endpoints anyone may reach; `/` is sign-in only with ?token=
-ADMIN_ONLY = {"admin.index", "admin.add_user", "api.export"}
+PUBLIC = {"static", "favicon"}  # endpoints anyone may reach (the icon a browser asks for); `/` is sign-in only with ?token=
+ADMIN_ONLY = {"admin.index", "admin.add_user", "admin.release_leases", "api.export"}
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 
 

@@ -140,18 +140,20 @@ def test_training_uses_the_latest_answer_per_item(tmp_path, digits):
     assert len(db.answers_of(item)) == 2  # but both annotators' answers are kept
 
 
-def test_answers_for_unknown_items_and_closed_rounds_are_refused(tmp_path, digits):
+def test_answers_for_unknown_items_are_refused_and_closed_rounds_corrected(tmp_path, digits):
     path = tmp_path / "a.db"
     make_app(path, digits)
     db = AnnotationDB(path)
     user = db.user_for_token(TOKEN).id
     with pytest.raises(NotFound):
         db.record_answer(user, 10**6, 1)
-    for item in db.lease_tasks(user, 10):
-        db.record_answer(user, item, 1)
+    while items := db.lease_tasks(user, 10):
+        for item in items:
+            db.record_answer(user, item, 1)
     assert db.close_round_if_complete(0)
-    with pytest.raises(Conflict):
-        db.record_answer(user, item, 2)
+    with pytest.raises(Conflict):  # a closed round's item is corrected with a class, never skipped
+        db.record_answer(user, item, -1)
+    assert db.record_answer(user, item, 2) == "corrected"
     with pytest.raises(Conflict):
         db.create_round(0, [1], [0.0], "random", 0)
 
@@ -218,8 +220,9 @@ def test_the_driver_posts_rounds_with_the_strategy_and_model_version(tmp_path, d
     first = driver.db.current_round()
     assert first["round"] == 0 and first["query_size"] == 6 and first["strategy"] == "random"  # no model yet
     owner = driver.db.user_for_token(TOKEN).id
-    for item in driver.db.lease_tasks(owner, 6):
-        driver.db.record_answer(owner, item, int(digits.train_labels[item]))
+    while items := driver.db.lease_tasks(owner, 6):  # lease_cap: 4 at a time
+        for item in items:
+            driver.db.record_answer(owner, item, int(digits.train_labels[item]))
     driver.run_until_idle()
     batch = list(driver.db.db.query("select strategy, model_version, score from batch_items where round = 1"))
     assert len(batch) == 6 and {b["strategy"] for b in batch} == {"entropy"} and {b["model_version"] for b in batch} == {1}
@@ -227,9 +230,10 @@ def test_the_driver_posts_rounds_with_the_strategy_and_model_version(tmp_path, d
     assert driver.status.snapshot()["state"] == "waiting"
 
 
-def test_the_latest_answer_is_the_last_one_given_even_when_the_clock_steps_back(tmp_path, digits, monkeypatch):
+def test_answers_keep_the_order_they_were_given_even_when_the_clock_steps_back(tmp_path, digits, monkeypatch):
     """Two annotators answer one item; between the answers the clock is stepped back an hour (NTP, a
-    person). Training and the export must take the second answer, which the wall clock calls older."""
+    person). The training label breaks the tie by the earliest answer given (the first, which the wall
+    clock calls newer), and the export's latest answer is the second, which the clock calls older."""
     from annotator import db as annotator_db
 
     make_app(tmp_path / "c.db", digits)
@@ -241,8 +245,8 @@ def test_the_latest_answer_is_the_last_one_given_even_when_the_clock_steps_back(
     db.record_answer(first, item, 1)
     clock[0] -= 3600
     db.record_answer(second, item, 2)
-    assert db.training_answers(0)[1] == [2]
-    assert db.class_counts() == {2: 1}
+    assert db.training_answers(0)[1] == [1]  # majority of 1 vs 1: the earliest given
+    assert db.class_counts() == {1: 1}
     latest = list(db.iter_export(digits.classes, latest_only=True))
     assert [row["label_index"] for row in latest] == [2]
     clock[0] -= 3600  # the first annotator corrects their answer later still, on an even earlier clock

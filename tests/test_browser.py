@@ -94,6 +94,126 @@ def test_label_a_batch_with_the_keyboard_and_see_the_next_round(server, page):
     shown_item(page)
     assert page.text_content("#progress-size") == "4"
     db = app.extensions["annotator"].driver.db
-    labels = dict(db.db.execute("select item_id, label from answers where round = 0").fetchall())
-    # Key k answers the class at position k (the tenth with 0): on digits, key "1" is class "0".
-    assert labels[int(first)] == -1 and sorted(v for v in labels.values() if v >= 0) == [0, 1, 4, 8, 9]
+    rows = db.db.execute("select item_id, label, time_taken_ms from answers where round = 0").fetchall()
+    labels = {item: label for item, label, _ in rows}
+    # A class named by one key answers to that key: on digits, key "1" is class "1" (it was "0").
+    assert labels[int(first)] == -1 and sorted(v for v in labels.values() if v >= 0) == [0, 1, 2, 5, 9]
+    assert all(taken and taken > 0 for _, _, taken in rows)  # the time on each image is measured (was 0)
+
+
+@pytest.fixture
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def answers_in_db(app) -> int:
+    return app.extensions["annotator"].driver.db.db.execute("select count(*) from answers").fetchone()[0]
+
+
+def test_a_clicked_button_does_not_answer_again_on_space_or_enter(server, page):
+    base, app = server
+    page.goto(f"{base}/?token={TOKEN}")
+    first = shown_item(page)
+    page.click('.class-button[data-label="4"]')
+    wait_answered(page, 1)
+    assert shown_item(page) != first
+    for key in ("Space", "Enter", " "):
+        page.keyboard.press(key)
+    page.wait_for_timeout(600)
+    assert page.text_content("#progress-done") == "1" and answers_in_db(app) == 1
+
+
+def test_label_on_a_phone_by_tapping(server, browser):
+    base, app = server
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                                  has_touch=True)
+    page = context.new_page()
+    page.goto(f"{base}/?token={TOKEN}")
+    shown_item(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # Admin and Sign out on screen (was 578)
+    assert page.is_visible("button.link-button")
+    boxes = page.eval_on_selector_all(".class-button", "els => els.map(e => e.getBoundingClientRect().bottom)")
+    assert len(boxes) == 10 and max(boxes) <= 844  # every class reachable without scrolling
+    caption = page.text_content("#item-caption") + page.text_content("#item-size")
+    assert "px" in caption
+    for done in range(1, 5):
+        shown_item(page)
+        page.tap(f'.class-button[data-label="{done}"]')
+        wait_answered(page, done)
+    if os.environ.get("ANNOTATOR_SCREENSHOTS"):
+        page.screenshot(path=os.path.join(os.environ["ANNOTATOR_SCREENSHOTS"], "labeling-phone.png"))
+    labels = sorted(r[0] for r in app.extensions["annotator"].driver.db.db.execute("select label from answers"))
+    assert labels == [1, 2, 3, 4]
+    context.close()
+
+
+def test_on_a_tablet_the_class_buttons_are_on_screen(server, browser):
+    base, _ = server
+    page = browser.new_page(viewport={"width": 820, "height": 1180})
+    page.goto(f"{base}/?token={TOKEN}")
+    shown_item(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 820
+    assert max(page.eval_on_selector_all(".class-button", "els => els.map(e => e.getBoundingClientRect().bottom)")) <= 1180
+
+
+def test_the_dark_theme_follows_the_system(server, browser):
+    base, _ = server
+    colours = {}
+    for scheme in ("light", "dark"):
+        page = browser.new_page(color_scheme=scheme, viewport={"width": 1280, "height": 800})
+        page.goto(f"{base}/?token={TOKEN}")
+        shown_item(page)
+        colours[scheme] = page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
+        colours[scheme + " panel"] = page.evaluate("getComputedStyle(document.querySelector('.sidebar')).backgroundColor")
+        if scheme == "dark" and os.environ.get("ANNOTATOR_SCREENSHOTS"):
+            page.screenshot(path=os.path.join(os.environ["ANNOTATOR_SCREENSHOTS"], "labeling-dark.png"))
+    assert colours["light"] == "rgb(245, 246, 248)"
+    assert colours["dark"] == "rgb(17, 20, 24)" and colours["dark panel"] == "rgb(27, 32, 39)"
+
+
+def test_zoom_toggles_between_fit_and_actual_pixels(server, page):
+    base, _ = server
+    page.goto(f"{base}/?token={TOKEN}")
+    shown_item(page)
+    fit = page.evaluate("document.getElementById('item-image').getBoundingClientRect().width")
+    page.keyboard.press("z")
+    assert page.text_content("#zoom-state") == "100%"
+    natural = page.evaluate("document.getElementById('item-image').naturalWidth")
+    assert page.evaluate("document.getElementById('item-image').getBoundingClientRect().width") == natural != fit
+    page.click("#item-image")
+    assert page.text_content("#zoom-state") == "fit"
+
+
+def test_undo_the_batch_closing_answer_then_correct_a_closed_round_and_relabel_on_review(server, page):
+    base, app = server
+    db = app.extensions["annotator"].driver.db
+    page.goto(f"{base}/?token={TOKEN}")
+    for done in range(1, 7):  # the whole initial batch of 6
+        shown_item(page)
+        page.keyboard.press("1")
+        wait_answered(page, done)
+    page.keyboard.press("Backspace")  # within the 5 s grace: the round is still open, the answer withdrawn
+    wait_answered(page, 5)
+    last = shown_item(page)
+    page.keyboard.press("2")
+    wait_answered(page, 6)
+    page.wait_for_function("document.getElementById('progress-round').textContent === '1'", timeout=60000)
+    page.keyboard.press("Backspace")  # round 0 is closed and trained: the image comes back as a correction
+    page.wait_for_function(f"document.getElementById('item-image').dataset.itemId === '{last}'"
+                           " && !document.getElementById('task-note').hidden", timeout=15000)
+    page.keyboard.press("7")
+    page.wait_for_function("document.getElementById('toast').textContent.startsWith('Corrected')", timeout=15000)
+    rows = db.db.execute("select label, source from answers where item_id = ?", [int(last)]).fetchall()
+    assert rows == [(7, "review")]
+    page.goto(f"{base}/review?round=0")
+    first_card = page.get_attribute(".review-card", "data-item-id")
+    page.click(f'.review-card[data-item-id="{first_card}"]')
+    page.keyboard.press("3")
+    page.wait_for_function("document.getElementById('toast').textContent.startsWith('Corrected')", timeout=15000)
+    assert db.db.execute("select label, source from answers where item_id = ?", [int(first_card)]).fetchall() == [(3, "review")]
+    if os.environ.get("ANNOTATOR_SCREENSHOTS"):
+        page.screenshot(path=os.path.join(os.environ["ANNOTATOR_SCREENSHOTS"], "review.png"), full_page=True)

@@ -68,3 +68,65 @@ def test_fresh_copy_is_seeded_and_independent():
 def test_bad_loss_is_a_config_error():
     with pytest.raises(ConfigError, match="l2, mean"):
         DistillConfig(loss="cosine").validate()
+
+
+# --------------------------------------------------------------------------------------------
+# Batch norm: the student trains in train mode, its running statistics measured afterwards
+
+
+class TinyBatchNormNet(SmallCNN):
+    """SmallCNN with a batch-norm layer after the first convolution (a stand-in for ResNet-18)."""
+
+    def __init__(self, embed_dim: int = 6):
+        super().__init__(embed_dim=embed_dim, num_classes=2)
+        self.bn = torch.nn.BatchNorm2d(10)
+
+    def features_before_feature_layer(self, x):
+        x = torch.relu(torch.nn.functional.max_pool2d(self.bn(self.conv1(x)), 2))
+        x = torch.relu(torch.nn.functional.max_pool2d(self.conv2(x), 2))
+        return x.flatten(1)
+
+
+def test_batch_norm_student_trains_with_batch_statistics_and_remeasures_them(grey_images):
+    torch.manual_seed(0)
+    teacher = TinyBatchNormNet().eval()
+    student = fresh_copy(teacher, seed=4)
+    indices = np.arange(32)
+    seen_modes = []
+    student.bn.register_forward_hook(lambda module, inputs, output: seen_modes.append(module.training))
+    config = DistillConfig(max_epochs=3, fixed_epochs=True, batch_size=16)
+    distill_student(student, teacher, grey_images, indices, config, torch.device("cpu"), seed=1)
+    assert not student.training
+    # Every distillation step normalised by its batch's statistics (train mode), not by the reset
+    # running ones (mean 0, variance 1) that eval mode would have used.
+    assert seen_modes[:6] == [True] * 6
+    # The running statistics are those of the distillation set under the final weights.
+    with torch.no_grad():
+        conv = student.conv1(grey_images.normalize(grey_images.train_images[indices]))
+    halves = conv.split(16)
+    assert torch.allclose(student.bn.running_mean, conv.mean((0, 2, 3)), atol=1e-4)
+    expected_var = torch.stack([h.var((0, 2, 3), unbiased=True) for h in halves]).mean(0)
+    assert torch.allclose(student.bn.running_var, expected_var, rtol=1e-3)
+    assert student.bn.momentum == 0.1  # the layer's own momentum is put back
+
+
+def test_networks_without_batch_norm_distil_exactly_as_in_eval_mode(grey_images):
+    """No batch norm, no change: the default networks' students (and so their picks) stay the same."""
+    teacher = SmallCNN(embed_dim=4).eval()
+    indices = np.arange(32)
+    config = DistillConfig(max_epochs=3, fixed_epochs=True, batch_size=16)
+    trained = fresh_copy(teacher, seed=2)
+    distill_student(trained, teacher, grey_images, indices, config, torch.device("cpu"), seed=1)
+    by_hand = fresh_copy(teacher, seed=2)  # the old loop: eval mode throughout
+    images = grey_images.normalize(grey_images.train_images[indices])
+    targets = teacher.embed(images).detach()
+    optimizer = torch.optim.Adam(by_hand.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for batch in torch.randperm(32, generator=generator).split(16):
+            loss = (by_hand.embed(images[batch]) - targets[batch]).pow(2).sum(1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for a, b in zip(trained.parameters(), by_hand.parameters()):
+        assert torch.equal(a, b)

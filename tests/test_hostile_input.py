@@ -176,6 +176,22 @@ API_CASES = {
     "add user reserved name": ("POST", "/admin/users", "admin", {"data": {"name": "owner"}}, 400),
     "add user duplicate": ("POST", "/admin/users", "admin", {"data": {"name": "ann"}}, 400),
     "add user unknown role": ("POST", "/admin/users", "admin", {"data": {"name": "eve", "role": "root"}}, 400),
+    "tasks checks yes": ("GET", "/api/tasks?checks=yes", "admin", {}, 400),
+    "heartbeat without token": ("POST", "/api/heartbeat", None, {}, 401),
+    "recent answers without token": ("GET", "/api/answers/recent", None, {}, 401),
+    "agreement without token": ("GET", "/api/agreement", None, {}, 401),
+    "instructions seen without version": ("POST", "/api/instructions/seen", "admin", {"json": {}}, 400),
+    "instructions seen markup version": ("POST", "/api/instructions/seen", "admin",
+                                         {"json": {"version": "<script>"}}, 400),
+    "release leases as annotator": ("POST", "/admin/leases/release", "annotator", {"data": {"annotator_id": "1"}}, 403),
+    "release leases of no user": ("POST", "/admin/leases/release", "admin", {"data": {"annotator_id": "x"}}, 400),
+    "review without token": ("GET", "/review", None, {}, 401),
+    "review unknown class": ("GET", "/review?class=giraffe", "admin", {}, 400),
+    "review round text": ("GET", "/review?round=abc", "admin", {}, 400),
+    "review round superscript": ("GET", "/review?round=%C2%B2", "admin", {}, 400),
+    "review unknown annotator": ("GET", "/review?annotator=mallory", "admin", {}, 400),
+    "review unknown queue": ("GET", "/review?queue=everything", "admin", {}, 400),
+    "favicon with a wrong token": ("GET", "/favicon.ico/x", None, {}, 404),
     "sign in with a wrong token": ("GET", "/?token=wrong", None, {}, 401),
     "sign in with a 5000-char token": ("GET", "/?token=" + "t" * 5000, None, {}, 401),
     "sign-in form without token": ("POST", "/signin", None, {"data": {}}, 401),
@@ -238,8 +254,8 @@ def test_the_table_covers_every_route(ctx):
         except Exception:  # noqa: BLE001 - rows that must not match any route
             pass
     routes = {rule.endpoint for rule in ctx["app"].url_map.iter_rules()}
-    assert routes - covered <= {"static", "auth.signout", "pages.grid", "pages.dashboard", "pages.engine_partial",
-                                "pages.whoami"}  # the pages: tests/test_access_control.py
+    assert routes - covered <= {"static", "favicon", "auth.signout", "pages.grid", "pages.dashboard",
+                                "pages.engine_partial", "pages.whoami"}  # the pages: tests/test_access_control.py
 
 
 def test_a_locked_database_is_a_503_json_error_and_nothing_is_stored(ctx, monkeypatch):

@@ -170,3 +170,125 @@ def test_one_example_steps_help_at_the_default_step(state, round_):
 def test_bad_options_are_one_config_error(options, message):
     with pytest.raises(ConfigError, match=message):
         get_strategy("lookahead", **options)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 16: ensembles, saturation, the unsquared distance, stratified picks, the ridge refit
+
+
+def test_ensemble_score_is_the_mean_of_its_members(state):
+    strategy = get_strategy("lookahead", students=3, **TINY)
+    candidates = prepare_round(state, LookaheadOptions(**TINY)).candidates
+    ensemble = -strategy.score_candidates(state, candidates)
+    options = LookaheadOptions(students=3, **TINY)
+    members = [candidate_distances(state, prepare_round(state, options, member=m), candidates, options)
+               for m in range(3)]
+    assert np.allclose(ensemble, np.mean(members, axis=0), rtol=1e-12, atol=0)
+    # Member 0 is the one student of students=1; the others are distilled from their own seeds.
+    single = candidate_distances(state, prepare_round(state, LookaheadOptions(**TINY)), candidates,
+                                 LookaheadOptions(**TINY))
+    assert np.array_equal(members[0], single)
+    assert not np.allclose(members[0], members[1]) and not np.allclose(members[1], members[2])
+    assert strategy.diagnostics["students"] == 3
+
+
+def test_saturate_distils_longer_and_the_default_distillation_is_unchanged():
+    from al_engine.train import DistillConfig
+
+    assert LookaheadOptions().distill_config() == DistillConfig(max_epochs=40)
+    saturated = LookaheadOptions(saturate=True).distill_config()
+    assert (saturated.max_epochs, saturated.patience, saturated.min_delta) == (200, 10, 0.001)
+
+
+def test_unsquared_distance_equals_the_exact_loop(state, round_):
+    options = LookaheadOptions(distance="l2", **TINY)
+    closed = candidate_distances(state, round_, round_.candidates, options)
+    loop = candidate_distances(state, round_, round_.candidates,
+                               LookaheadOptions(mode="exact", last_layer=True, distance="l2", **TINY))
+    squared = candidate_distances(state, round_, round_.candidates, LookaheadOptions(**TINY))
+    assert np.allclose(closed, loop, rtol=1e-4)
+    assert np.all(closed < np.sqrt(squared) + 1e-6)  # mean of norms <= root of the mean squared norm
+
+
+def test_ridge_score_equals_a_brute_force_refit(state, round_):
+    from al_engine.strategies.lookahead_ridge import ridge_distances, ridge_fit, ridge_problem
+    from al_engine.strategies.lookahead_round import trunk_outputs
+    from al_engine.train import embed_pool
+
+    options = LookaheadOptions(mode="ridge", **TINY)
+    candidates = round_.candidates[:6]
+    fast = ridge_distances(state, round_, candidates, options)
+    fast_l2 = ridge_distances(state, round_, candidates, dataclasses.replace(options, distance="l2"))
+    penalty = ridge_problem(state, round_, options)["penalty"]
+    labeled = state.labeled_indices
+    evaluation = trunk_outputs(round_.student, state, round_.evaluation).double()
+    eval_targets = round_.eval_targets.double()
+    for position, item in enumerate(candidates):
+        indices = np.r_[labeled, item]
+        weight_t, _ = ridge_fit(trunk_outputs(round_.student, state, indices),
+                                embed_pool(state.model, state.dataset, indices, state.device), penalty)
+        gaps = (evaluation @ weight_t - eval_targets).pow(2).sum(1)
+        assert fast[position] == pytest.approx(float(gaps.mean()), rel=1e-6)
+        assert fast_l2[position] == pytest.approx(float(gaps.sqrt().mean()), rel=1e-6)
+    # The strategy scores with it: minus the distance, evaluation items never picked.
+    strategy = get_strategy("lookahead", mode="ridge", **TINY)
+    picked, _ = strategy.query(state, 4)
+    assert set(picked) <= set(round_.candidates)
+
+
+def test_stratified_order_takes_turns_by_stratum():
+    from al_engine.strategies.lookahead import stratified_order
+
+    rank = np.array([0, 1, 2, 3, 4, 5, 6])  # item 0 best
+    strata = np.array([0, 0, 0, 0, 1, 1, 2])
+    # Turn 1: best of each stratum (0, 4, 6) in rank order; turn 2: (1, 5); then stratum 0 alone.
+    assert stratified_order(rank, strata).tolist() == [0, 4, 6, 1, 5, 2, 3]
+
+
+@pytest.mark.parametrize("stratify", ["class", "cluster"])
+def test_stratified_picks_alternate_between_strata_in_score_order(state, round_, stratify):
+    from al_engine.strategies.lookahead import strata_of
+
+    state = QueryState(model=state.model, dataset=state.dataset, pool=state.pool, device=state.device,
+                       seed=state.seed, train_config=state.train_config)
+    if stratify == "class":  # the untrained classifier predicts one class: give it two, by hand
+        count = len(state.unlabeled_indices)
+        state.cache["unlabeled_probs"] = torch.tensor([[0.9, 0.1] if i % 3 else [0.2, 0.8] for i in range(count)])
+    strategy = get_strategy("lookahead", stratify=stratify, stratify_clusters=2, **TINY)
+    picked, _ = strategy.query(state, 6)
+    # By hand: the plain scores, each stratum's candidates best first, the strata taking turns.
+    scores = get_strategy("lookahead", **TINY).score(state)
+    positions = np.flatnonzero(np.isfinite(scores))
+    strata = strata_of(state, positions, strategy.options)
+    queues = {s: sorted(positions[strata == s], key=lambda p: (-scores[p], p)) for s in np.unique(strata)}
+    expected = []
+    while len(expected) < 6:
+        turn = [queue.pop(0) for queue in queues.values() if queue]
+        expected += sorted(turn, key=lambda p: (-scores[p], p))
+    assert picked.tolist() == state.unlabeled_indices[expected[:6]].tolist()
+    assert len(queues) == 2 and strategy.diagnostics["strata"] == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(distance="cube"), "squared, l2"),
+    (dict(stratify="rows"), "none, class, cluster"),
+    (dict(mode="full-fast", distance="l2"), "full-fast"),
+    (dict(students="0"), "students"),
+    (dict(batch_aware="true", students="2"), "batch_aware"),
+])
+def test_bad_issue16_options_are_one_config_error(options, message):
+    with pytest.raises(ConfigError, match=message):
+        get_strategy("lookahead", **options)
+
+
+def test_an_ensemble_is_handed_to_other_ranks_whole(state):
+    """A sharded query: rank 0 distils all K students, another rank adopts them and scores the same."""
+    rank0 = get_strategy("lookahead", mode="exact", last_layer=True, students=2, **TINY)
+    shared = rank0.shared_round_state(state)
+    assert isinstance(shared, list) and len(shared) == 2
+    other = get_strategy("lookahead", mode="exact", last_layer=True, students=2, **TINY)
+    other.adopt_round_state(state, shared)
+    candidates = rank0.round_state(state).candidates[:5]
+    assert np.allclose(other.score_candidates(state, candidates), rank0.score_candidates(state, candidates))
+    with pytest.raises(RuntimeError, match="rank 0 distilled"):
+        get_strategy("lookahead", mode="exact", last_layer=True, students=3, **TINY).adopt_round_state(state, shared)

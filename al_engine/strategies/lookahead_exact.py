@@ -2,7 +2,7 @@
 
 Every function here returns, for each candidate, the mean over the evaluation items of
 ||S'_feat(u) - C_feat(u)||^2, where S' is the student after `steps` SGD steps on that candidate
-alone with loss ||S_feat(x) - C_feat(x)||^2. The student is always in eval mode, so batch-norm
+alone with loss ||S_feat(x) - C_feat(x)||^2. The student is scored in eval mode, so batch-norm
 statistics never mix candidates. Lower distance = a better lesson.
 """
 from __future__ import annotations
@@ -35,17 +35,24 @@ def trainable_parameters(student: nn.Module, last_layer: bool) -> list[tuple[str
 
 
 @torch.inference_mode()
-def _mean_distance(embed, eval_images: torch.Tensor, eval_targets: torch.Tensor, batch_size: int) -> float:
+def _mean_distance(embed, eval_images: torch.Tensor, eval_targets: torch.Tensor, batch_size: int,
+                   squared: bool = True) -> float:
     total = 0.0
     for start in range(0, len(eval_images), batch_size):
         features = embed(eval_images[start:start + batch_size])
-        total += float((features - eval_targets[start:start + batch_size]).pow(2).sum())
+        total += float(item_distances(features, eval_targets[start:start + batch_size], squared).sum())
     return total / len(eval_images)
+
+
+def item_distances(features: torch.Tensor, targets: torch.Tensor, squared: bool = True) -> torch.Tensor:
+    """(..., D), (..., D) -> (...,): ||f - t||^2 per item (distance=squared), or ||f - t|| (distance=l2)."""
+    gaps = (features - targets).pow(2).sum(-1)
+    return gaps if squared else gaps.sqrt()
 
 
 def exact_distances(student: nn.Module, candidate_images: torch.Tensor, candidate_targets: torch.Tensor,
                     eval_images: torch.Tensor, eval_targets: torch.Tensor, rule: StepRule,
-                    last_layer: bool = False, batch_size: int = 2048) -> torch.Tensor:
+                    last_layer: bool = False, batch_size: int = 2048, squared: bool = True) -> torch.Tensor:
     """(Nc,) distances by the faithful loop: reset the student, step on one candidate, evaluate.
 
     Slow by design (one pass over the evaluation images per candidate): it is the yardstick.
@@ -66,7 +73,7 @@ def exact_distances(student: nn.Module, candidate_images: torch.Tensor, candidat
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            distances[position] = _mean_distance(student.embed, eval_images, eval_targets, batch_size)
+            distances[position] = _mean_distance(student.embed, eval_images, eval_targets, batch_size, squared)
     finally:
         with torch.no_grad():
             for p, original in zip(params, originals):
@@ -78,7 +85,7 @@ def exact_distances(student: nn.Module, candidate_images: torch.Tensor, candidat
 
 def exact_last_layer_distances(weight: torch.Tensor, bias: torch.Tensor, candidate_inputs: torch.Tensor,
                                candidate_targets: torch.Tensor, eval_inputs: torch.Tensor,
-                               eval_targets: torch.Tensor, rule: StepRule) -> torch.Tensor:
+                               eval_targets: torch.Tensor, rule: StepRule, squared: bool = True) -> torch.Tensor:
     """(Nc,) distances by the faithful loop when only the feature layer learns.
 
     The frozen trunk's outputs (`*_inputs`, (N, d_in)) are computed once, which changes nothing
@@ -97,7 +104,7 @@ def exact_last_layer_distances(weight: torch.Tensor, bias: torch.Tensor, candida
             optimizer.step()
         with torch.inference_mode():
             features = torch.relu(eval_inputs @ w.T + b)  # (Ne, D)
-            distances[position] = float((features - eval_targets).pow(2).sum(1).mean())
+            distances[position] = float(item_distances(features, eval_targets, squared).mean())
     return distances
 
 
@@ -114,7 +121,8 @@ class _EmbedView(nn.Module):
 
 def batched_distances(student: nn.Module, candidate_images: torch.Tensor, candidate_targets: torch.Tensor,
                       eval_images: torch.Tensor, eval_targets: torch.Tensor, rule: StepRule,
-                      last_layer: bool = False, chunk_size: int = 16, eval_chunk: int = 512) -> torch.Tensor:
+                      last_layer: bool = False, chunk_size: int = 16, eval_chunk: int = 512,
+                      squared: bool = True) -> torch.Tensor:
     """(Nc,) distances, the same maths as `exact_distances` for `chunk_size` candidates at once.
 
     torch.func: `grad` of the one-candidate loss, the SGD steps written out per candidate, `vmap`
@@ -145,7 +153,7 @@ def batched_distances(student: nn.Module, candidate_images: torch.Tensor, candid
         return parameters
 
     def eval_sum(parameters, images, targets):
-        return (embed_with(parameters, images) - targets).pow(2).sum()
+        return item_distances(embed_with(parameters, images), targets, squared).sum()
 
     learn_many = vmap(learn_one, in_dims=(None, 0, 0))
     eval_many = vmap(eval_sum, in_dims=(0, None, None))

@@ -56,15 +56,16 @@ def rank_one_coefficients(z: torch.Tensor, targets: torch.Tensor, squared_norms:
 
 def exact_distances_closed_form(candidate_inputs: torch.Tensor, coefficients: torch.Tensor,
                                 eval_inputs: torch.Tensor, eval_z: torch.Tensor, eval_targets: torch.Tensor,
-                                chunk_size: int = 32) -> torch.Tensor:
-    """(Nc,) mean_u ||relu(z_u - k_cu a_c) - t_u||^2, exact; inputs carry the bias column."""
+                                chunk_size: int = 32, squared: bool = True) -> torch.Tensor:
+    """(Nc,) mean_u ||relu(z_u - k_cu a_c) - t_u||^2, exact; inputs carry the bias column.
+    `squared=False`: mean_u ||relu(z_u - k_cu a_c) - t_u|| (distance=l2)."""
     distances = torch.empty(len(candidate_inputs), dtype=torch.float64)
     for start in range(0, len(candidate_inputs), chunk_size):
         stop = start + chunk_size
         kernel = candidate_inputs[start:stop] @ eval_inputs.T  # (c, Ne)
         moved = eval_z[None] - kernel[:, :, None] * coefficients[start:stop, None, :]  # (c, Ne, D)
-        gaps = torch.relu(moved) - eval_targets[None]
-        distances[start:stop] = gaps.pow(2).sum(2).mean(1).double().cpu()
+        gaps = (torch.relu(moved) - eval_targets[None]).pow(2).sum(2)
+        distances[start:stop] = (gaps if squared else gaps.sqrt()).mean(1).double().cpu()
     return distances
 
 

@@ -23,14 +23,19 @@ from .base import QueryState
 from .lookahead_exact import StepRule
 from .lookahead_fast import layer_matrix, with_bias_column
 
-MODES = ("exact", "batched", "last-layer", "full-fast")
+MODES = ("exact", "batched", "last-layer", "full-fast", "ridge")
+DISTANCES = ("squared", "l2")
+STRATA = ("none", "class", "cluster")
+# saturate=true: distil until the loss stops improving by 0.1 % for 10 epochs, within 200 epochs
+# (the audit of issue 16 saw students improve until 120-200 epochs; the default stops at 40).
+SATURATED_DISTILL = dict(max_epochs=200, patience=10, min_delta=0.001)
 
 
 @dataclass
 class LookaheadOptions:
     """Options of the lookahead strategy (`--strategy-option key=value`)."""
 
-    mode: str = "last-layer"  # exact | batched | last-layer | full-fast
+    mode: str = "last-layer"  # exact | batched | last-layer | full-fast | ridge (converged, no step)
     last_layer: bool = False  # exact/batched: update only the student's feature layer
     steps: int = 2  # SGD steps on each candidate alone
     lr: float = 0.0  # student SGD step size; 0 = auto: lr_scale / (typical squared input norm, below)
@@ -45,6 +50,14 @@ class LookaheadOptions:
     distill_loss: str = "l2"  # student distillation: l2 (per example) or mean (batch-mean features)
     distill_epochs: int = 40  # cap on distillation epochs
     distill_fixed_epochs: bool = False  # True: always distil distill_epochs; False: until saturation
+    distill_patience: int = 4  # stop after this many epochs without a relative gain of distill_min_delta
+    distill_min_delta: float = 0.01  # relative improvement of the epoch loss that counts
+    saturate: bool = False  # distil to saturation: cap 200, patience 10, min_delta 0.001 (overrides the three above)
+    students: int = 1  # an ensemble: distil this many students (own seeds) and average their distances
+    distance: str = "squared"  # squared: mean_u ||S'(u) - C(u)||^2 (the default); l2: mean_u ||S'(u) - C(u)||
+    stratify: str = "none"  # none | class (classifier's predicted class) | cluster (k-means on its features)
+    stratify_clusters: int = 0  # stratify=cluster: clusters (0 = number of classes)
+    ridge_lambda: float = 0.01  # ridge: penalty, times the labeled items' mean squared trunk output
     chunk_size: int = 16  # batched/full-fast: candidates per vectorised chunk
     trunk_rank: int = 16  # full-fast: principal directions of the trunk's change kept (0 = trunk moves ignored)
 
@@ -63,7 +76,27 @@ class LookaheadOptions:
             raise ConfigError("chunk_size and distill_epochs must be at least 1, trunk_rank at least 0")
         if self.batch_aware and self.mode not in ("last-layer", "full-fast"):
             raise ConfigError("batch_aware works with mode=last-layer or mode=full-fast")
-        DistillConfig(loss=self.distill_loss).validate()
+        if self.distance not in DISTANCES:
+            raise ConfigError(f"unknown lookahead distance {self.distance!r}; choose from: {', '.join(DISTANCES)}")
+        if self.stratify not in STRATA:
+            raise ConfigError(f"unknown stratify {self.stratify!r}; choose from: {', '.join(STRATA)}")
+        if self.students < 1 or self.stratify_clusters < 0 or self.ridge_lambda <= 0:
+            raise ConfigError("students must be at least 1, stratify_clusters >= 0 and ridge_lambda positive")
+        if self.distill_patience < 1 or self.distill_min_delta < 0:
+            raise ConfigError("distill_patience must be at least 1 and distill_min_delta >= 0")
+        if self.distance == "l2" and self.mode == "full-fast":
+            raise ConfigError("distance=l2 works with modes exact, batched, last-layer and ridge (full-fast's "
+                              "closed form is a squared distance)")
+        if self.batch_aware and (self.students > 1 or self.distance != "squared" or self.stratify != "none"):
+            raise ConfigError("batch_aware works with one student, distance=squared and stratify=none")
+        self.distill_config().validate()
+
+    def distill_config(self) -> DistillConfig:
+        """How each student is distilled."""
+        if self.saturate:
+            return DistillConfig(loss=self.distill_loss, **SATURATED_DISTILL)
+        return DistillConfig(loss=self.distill_loss, max_epochs=self.distill_epochs, patience=self.distill_patience,
+                             min_delta=self.distill_min_delta, fixed_epochs=self.distill_fixed_epochs)
 
     @property
     def updates_last_layer_only(self) -> bool:
@@ -105,6 +138,7 @@ class LookaheadRound:
     distill: TrainResult
     distill_distance: float  # mean student-teacher squared feature distance on the evaluation items
     baseline: float = math.nan  # the same distance before any lookahead step
+    baseline_l2: float = math.nan  # mean_u ||S_feat(u) - C_feat(u)|| before any step (distance=l2)
     cache: dict = field(default_factory=dict)
 
 
@@ -169,11 +203,19 @@ class SharedStudent:
     lr: float
 
 
-def prepare_round(state: QueryState, options: LookaheadOptions, shared: SharedStudent | None = None) -> LookaheadRound:
+def member_seed(seed: int, round_index: int, stream: Stream, member: int) -> int:
+    """The torch seed of ensemble member `member` (member 0 is the single student of students=1)."""
+    base = torch_seed(seed, round_index, stream)
+    return base if member == 0 else (base + member * 2_654_435) % (2**31 - 1)
+
+
+def prepare_round(state: QueryState, options: LookaheadOptions, shared: SharedStudent | None = None,
+                  member: int = 0) -> LookaheadRound:
     """Distil the student, draw the splits and choose the step: everything scoring needs.
 
     With `shared` (another rank's distillation of this same round) the student's weights and step
-    are taken from it instead of distilling again.
+    are taken from it instead of distilling again. `member` (0..students-1) picks an ensemble
+    member's initialisation and batch order; the splits are the same for every member.
     """
     candidates, evaluation = split_pool(state.pool.unlabeled_indices, options.eval_fraction, state.seed,
                                         state.round_index)
@@ -181,12 +223,12 @@ def prepare_round(state: QueryState, options: LookaheadOptions, shared: SharedSt
     evaluation = subsample(evaluation, options.eval_size, state.seed, state.round_index, Stream.EVAL_SUBSAMPLE)
     teacher = state.model.eval()
     batch = state.train_config.eval_batch_size
-    student = fresh_copy(teacher, torch_seed(state.seed, state.round_index, Stream.STUDENT_INIT)).to(state.device)
+    student = fresh_copy(teacher, member_seed(state.seed, state.round_index, Stream.STUDENT_INIT, member))
+    student = student.to(state.device)
     if shared is None:
-        config = DistillConfig(loss=options.distill_loss, max_epochs=options.distill_epochs,
-                               fixed_epochs=options.distill_fixed_epochs)
-        distilled = distill_student(student, teacher, state.dataset, state.labeled_indices, config, state.device,
-                                    seed=torch_seed(state.seed, state.round_index, Stream.STUDENT_ORDER))
+        distilled = distill_student(student, teacher, state.dataset, state.labeled_indices, options.distill_config(),
+                                    state.device,
+                                    seed=member_seed(state.seed, state.round_index, Stream.STUDENT_ORDER, member))
     else:
         student.load_state_dict(shared.weights)
         distilled = shared.distill
@@ -195,26 +237,30 @@ def prepare_round(state: QueryState, options: LookaheadOptions, shared: SharedSt
     eval_targets = embed_pool(teacher, state.dataset, evaluation, state.device, batch)
     with torch.inference_mode():
         eval_student = embed_pool(student, state.dataset, evaluation, state.device, batch)
-        distance = float((eval_student - eval_targets).pow(2).sum(1).mean()) if len(evaluation) else math.nan
+        gaps = (eval_student - eval_targets).pow(2).sum(1)
+        distance = float(gaps.mean()) if len(evaluation) else math.nan
+        distance_l2 = float(gaps.sqrt().mean()) if len(evaluation) else math.nan
 
     def targets_of(indices):
         return embed_pool(teacher, state.dataset, indices, state.device, batch)
 
     if shared is not None:
         lr = shared.lr  # rank 0's auto step, measured on the same student
+    elif options.mode == "ridge":
+        lr = 0.0  # the converged lookahead takes no step
     elif options.lr > 0:
         lr = options.lr
     else:
         lr = auto_step(student, state, targets_of, options)
-    key = round_key(state, options)
+    key = round_key(state, options, member)
     return LookaheadRound(key=key, student=student, candidates=candidates, evaluation=evaluation,
                           eval_targets=eval_targets.clone(), rule=StepRule(lr, options.momentum, options.steps),
-                          distill=distilled, distill_distance=distance, baseline=distance)
+                          distill=distilled, distill_distance=distance, baseline=distance, baseline_l2=distance_l2)
 
 
-def round_key(state: QueryState, options: LookaheadOptions) -> tuple:
+def round_key(state: QueryState, options: LookaheadOptions, member: int = 0) -> tuple:
     labeled = state.labeled_indices
-    return (state.seed, state.round_index, len(labeled), int(labeled.sum()), repr(options))
+    return (state.seed, state.round_index, len(labeled), int(labeled.sum()), repr(options), member)
 
 
 def last_layer_problem(state: QueryState, round_: LookaheadRound) -> dict:
