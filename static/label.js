@@ -11,15 +11,7 @@
   const HEARTBEAT_MS = 30000; // leases lapse without a heartbeat (db.LEASE_SECONDS = 100 s)
   const IDLE_MS = 180000;     // no heartbeat after 3 minutes without a key press or a click
 
-  // The key of a keydown as key_map names keys: Shift with a top-row digit is "shift+D" on any layout.
-  function keyOf(event) {
-    if (event.shiftKey && /^Digit[0-9]$/.test(event.code)) {
-      const plain = event.key.length === 1 ? event.key.toLowerCase() : "";
-      if (plain && keys.includes(plain)) return plain;
-      return "shift+" + event.code.slice(5);
-    }
-    return event.key.length === 1 ? event.key.toLowerCase() : event.key;
-  }
+  const keyOf = (event) => window.annotatorKeyOf(event, keys);  // static/keys.js
 
   let queue = [];            // tasks leased to me; in single mode queue[0] is on screen
   const answered = new Set(); // item ids answered here but maybe not yet confirmed by the server

@@ -8,14 +8,7 @@
   const cards = [...document.querySelectorAll(".review-card")];
   let current = cards.length ? 0 : -1;
 
-  function keyOf(event) {
-    if (event.shiftKey && /^Digit[0-9]$/.test(event.code)) {
-      const plain = event.key.length === 1 ? event.key.toLowerCase() : "";
-      if (plain && keys.includes(plain)) return plain;
-      return "shift+" + event.code.slice(5);
-    }
-    return event.key.length === 1 ? event.key.toLowerCase() : event.key;
-  }
+  const keyOf = (event) => window.annotatorKeyOf(event, keys);  // static/keys.js
 
   function toast(message) {
     const box = document.getElementById("toast");
