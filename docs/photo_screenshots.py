@@ -20,9 +20,10 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from screenshots import ARGS  # docs/screenshots.py: the Chromium flags every screenshot uses  # noqa: E402
+
+
 TOKEN = "photo-screenshot-token"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 SCENES = [  # (file name, class, width, height, sign text)
     ("IMG_2041 street.jpg", "street", 1600, 1067, "CAFE - OPEN 7-23"),
     ("beach (2).jpg", "beach", 1200, 800, "LIFEGUARD ON DUTY"),
