@@ -20,7 +20,7 @@ from al_engine.strategies.uncertainty import bald, entropy, least_confidence, ma
 
 CLASSIC = ["least-confidence", "margin", "entropy", "least-confidence-dropout", "margin-dropout",
            "entropy-dropout", "bald", "kmeans", "kcenter-greedy", "coreset", "adversarial-bim",
-           "adversarial-deepfool", "badge", "typiclust", "glister"]
+           "adversarial-deepfool", "badge", "typiclust", "glister", "ntk-lookahead"]
 CPU = torch.device("cpu")
 
 
