@@ -36,3 +36,20 @@ def test_summary_reads_the_run_files_and_correlates_scores_with_gains(tmp_path):
 def test_unknown_candidates_are_one_error_line(tmp_path, capsys):
     assert seed_questions.main(["--out", str(tmp_path), "--only", "bogus"]) == 2
     assert "unknown candidates bogus" in capsys.readouterr().err
+
+
+def test_paired_aulc_intervals_pair_by_seed_and_refuse_a_folder_without_summary(tmp_path, capsys):
+    import paired_aulc
+    per_seed = {"random": {"0": 0.80, "1": 0.81, "2": 0.82}, "margin": {"0": 0.81, "1": 0.83, "2": 0.83},
+                "lookahead": {"0": 0.80, "1": 0.80}}
+    summary = {name: {"aulc_per_seed": values, "aulc_mean": float(np.mean(list(values.values()))), "aulc_std": 0.0}
+               for name, values in per_seed.items()}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    _, record = paired_aulc.table(tmp_path, ["random", "margin"])
+    margin = record["margin"]["vs_random"]  # differences 0.01, 0.02, 0.01: mean 0.0133, sd 0.00577
+    assert margin["mean"] == pytest.approx(0.04 / 3) and margin["ahead"] == 3
+    assert margin["high"] - margin["mean"] == pytest.approx(4.303 * 0.005774 / np.sqrt(3), rel=1e-3)
+    assert record["lookahead"]["vs_margin"]["seeds"] == 2  # only the seeds both ran
+    assert record["random"]["vs_random"] is None
+    assert paired_aulc.main([str(tmp_path / "missing")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
