@@ -88,6 +88,8 @@
         if (image.dataset.itemId !== String(task.item_id)) {
           image.src = task.image_url;
           image.dataset.itemId = task.item_id;
+          image.style.setProperty("--ratio", task.width && task.height ? (task.width / task.height).toFixed(4) : "1");
+          image.classList.toggle("smooth", (task.width || 0) >= 256);  // photos: no nearest-neighbour shrinking
           $("item-caption").textContent = task.name || ("item " + task.item_id);
           $("item-size").textContent = task.width && task.height ? `${task.width} × ${task.height} px` : "";
           shownAt = performance.now();

@@ -231,3 +231,45 @@ def test_the_sign_in_token_is_left_neither_in_the_address_bar_nor_in_the_history
     assert TOKEN not in " ".join(visited), visited
     # the sign-in link's entry became the labeling page's: no extra entry to go back to
     assert visited == [f"{base}/", f"{base}/dashboard"], visited
+
+
+def test_a_photo_is_shown_in_its_own_shape_not_letterboxed_in_a_square(tmp_path, page):
+    """A wide photo fills the frame's width at its aspect ratio, a tall one keeps its height; both are
+    drawn smoothly (a nearest-neighbour shrink would alias them), while small images stay crisp."""
+    from PIL import Image
+
+    from al_engine.config import RunConfig
+    from annotator import create_app
+    from annotator.cli import make_server
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (1500, 500), (200, 30, 30)).save(folder / "a wide.jpg", quality=90)
+    Image.new("RGB", (400, 800), (10, 160, 10)).save(folder / "b tall.jpg", quality=90)
+    config = RunConfig(dataset="imagefolder", data_dir=str(folder), classes=["outdoor", "indoor"], image_size=16,
+                       initial=2, query_size=1, rounds=1, epochs=1, seed=0, device="cpu")
+    app = create_app({"DATABASE": str(tmp_path / "photos.db"), "RUN_CONFIG": config, "ADMIN_TOKEN": TOKEN,
+                      "START_ENGINE": True})
+    http = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        page.goto(f"http://127.0.0.1:{http.server_port}/?token={TOKEN}")
+        shapes = {}
+        for _ in range(2):
+            shown_item(page)
+            name = page.text_content("#item-caption")
+            box = page.evaluate("(() => { const r = document.getElementById('item-image').getBoundingClientRect();"
+                                " return [r.width, r.height, getComputedStyle(document.getElementById('item-image'))"
+                                ".imageRendering]; })()")
+            shapes[name] = box
+            page.keyboard.press("1")
+            page.wait_for_function(f"document.getElementById('item-caption').textContent !== {name!r}"
+                                   " || document.getElementById('image-frame').hidden", timeout=15000)
+        wide_w, wide_h, wide_rendering = shapes["a wide.jpg"]
+        tall_w, tall_h, _ = shapes["b tall.jpg"]
+        assert wide_w / wide_h == pytest.approx(3.0, rel=0.02) and tall_w / tall_h == pytest.approx(0.5, rel=0.02)
+        assert wide_w > tall_w and tall_h > wide_h  # each as large as its shape allows, none squeezed into a square
+        assert wide_rendering == "auto"
+    finally:
+        http.shutdown()
+        app.extensions["annotator"].worker.stop()
