@@ -65,6 +65,7 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "random-5": ("random-batch", {"batch": 5}),
     "stratify=cluster": ("lookahead", {"stratify": "cluster"}),
     "glister": ("glister", {}),
+    "ntk-lookahead": ("ntk-lookahead", {}),
     "random-6": ("random-batch", {"batch": 6}),
     "random-7": ("random-batch", {"batch": 7}),
 }
