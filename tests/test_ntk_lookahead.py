@@ -34,9 +34,7 @@ def test_kernel_is_the_pseudo_ntk_of_the_last_two_layers():
 
 def brute_force_change(labeled, evaluation, candidate, residual, classes, ridge):
     """Kernel regression on S = L + {x} with zero residuals on L: K_US (K_SS + lambda I)^-1 R_S."""
-    def join(a, b):
-        return type(a)(*(torch.cat([getattr(a, n), getattr(b, n)]) for n in ("inputs", "features", "signals", "logits")))
-    together = join(labeled, candidate)
+    together = type(labeled).concat([labeled, candidate])
     penalty = ridge * float(kernel(labeled, labeled, classes).diagonal().mean())
     gram = kernel(together, together, classes) + penalty * torch.eye(len(together.inputs), dtype=torch.float64)
     targets = torch.zeros(len(together.inputs), classes, dtype=torch.float64)
@@ -53,8 +51,7 @@ def test_output_change_equals_a_brute_force_kernel_regression_refit():
     probs = candidates.logits.softmax(1)
     for c in range(4):
         residual = torch.nn.functional.one_hot(probs[c].argmax(), 3).double() - probs[c]
-        single = type(candidates)(*(getattr(candidates, n)[c:c + 1]
-                                    for n in ("inputs", "features", "signals", "logits")))
+        single = candidates.rows(slice(c, c + 1))
         expected = brute_force_change(labeled, evaluation, single, residual, 3, ridge=0.05)
         assert torch.allclose(alpha[c][:, None] * residual[None, :], expected, rtol=1e-8, atol=1e-10)
     norms = residual_norms(candidates.logits, "likely")

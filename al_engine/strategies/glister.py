@@ -36,10 +36,9 @@ import torch
 
 from ..errors import ConfigError
 from ..train import embed_pool
-from ..seeding import Stream
 from . import register_strategy
 from .base import QueryState, Strategy
-from .lookahead_round import split_pool, subsample
+from .lookahead_round import held_out_split
 
 
 @dataclass
@@ -119,11 +118,7 @@ class Glister(Strategy):
 
     def select(self, state: QueryState, k: int) -> tuple[np.ndarray, np.ndarray]:
         unlabeled = state.unlabeled_indices
-        candidates, evaluation = split_pool(state.pool.unlabeled_indices, self.options.eval_fraction, state.seed,
-                                            state.round_index)
-        evaluation = subsample(evaluation, self.options.eval_size, state.seed, state.round_index,
-                               Stream.EVAL_SUBSAMPLE)
-        candidate_positions = np.flatnonzero(np.isin(unlabeled, candidates))
+        candidate_positions, evaluation = held_out_split(state, self.options.eval_fraction, self.options.eval_size)
         batch = state.train_config.eval_batch_size
         head = state.model.fc_out
         weight = torch.cat([head.weight.detach(), head.bias.detach()[:, None]], 1).double()

@@ -125,6 +125,15 @@ def subsample(indices: np.ndarray, size: int, seed: int, round_index: int, strea
     return np.sort(rng.choice(indices, size=size, replace=False))
 
 
+def held_out_split(state: QueryState, eval_fraction: float, eval_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions into state.unlabeled_indices of the candidates, evaluation pool indices): the
+    lookahead's seeded split, its evaluation side subsampled to `eval_size` (0 = all). For the
+    strategies that judge a candidate on the lookahead's own evaluation items (glister, ntk-lookahead)."""
+    candidates, evaluation = split_pool(state.pool.unlabeled_indices, eval_fraction, state.seed, state.round_index)
+    evaluation = subsample(evaluation, eval_size, state.seed, state.round_index, Stream.EVAL_SUBSAMPLE)
+    return np.flatnonzero(np.isin(state.unlabeled_indices, candidates)), evaluation
+
+
 @dataclass
 class LookaheadRound:
     """What one round's scoring shares: the student, the splits, the teacher's targets, the step."""

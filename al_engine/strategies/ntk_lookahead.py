@@ -37,16 +37,15 @@ layers' contribution is left out: it needs per-example gradients of every parame
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..seeding import Stream
 from . import register_strategy
-from .base import QueryState, Strategy
-from .lookahead_round import pool_images, split_pool, subsample
+from .base import QueryState, Strategy, top_k
+from .lookahead_round import held_out_split, pool_images
 
 
 @dataclass
@@ -77,6 +76,14 @@ class KernelInputs:
     signals: torch.Tensor  # (N, D) d = (sum_c W_o[c]) * 1[z > 0]
     logits: torch.Tensor  # (N, C)
 
+    def rows(self, index) -> "KernelInputs":
+        """The items at `index` (a slice or positions)."""
+        return KernelInputs(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    @staticmethod
+    def concat(parts: list["KernelInputs"]) -> "KernelInputs":
+        return KernelInputs(*(torch.cat([getattr(part, f.name) for part in parts]) for f in fields(KernelInputs)))
+
 
 def has_feature_layer(model: torch.nn.Module) -> bool:
     """True when the network's embedding is relu(feature_layer(a)) (every project network); a model
@@ -105,8 +112,7 @@ def pool_kernel_inputs(model: torch.nn.Module, state: QueryState, indices: np.nd
     if not parts:
         empty = torch.empty(0, 0, dtype=torch.float64, device=state.device)
         return KernelInputs(empty, empty, empty, empty)
-    return KernelInputs(*(torch.cat([getattr(part, name) for part in parts])
-                          for name in ("inputs", "features", "signals", "logits")))
+    return KernelInputs.concat(parts)
 
 
 def kernel(left: KernelInputs, right: KernelInputs, classes: int) -> torch.Tensor:
@@ -143,8 +149,7 @@ def output_change_coefficients(labeled: KernelInputs, evaluation: KernelInputs, 
     to_eval = torch.cholesky_solve(kernel(labeled, evaluation, classes), factor)  # K^-1 k_LU (L, Ne)
     out = []
     for start in range(0, len(candidates.inputs), chunk):
-        part = KernelInputs(*(getattr(candidates, name)[start:start + chunk]
-                              for name in ("inputs", "features", "signals", "logits")))
+        part = candidates.rows(slice(start, start + chunk))
         cross = kernel(labeled, part, classes)  # (L, B) k_Lx
         schur = kernel_diagonal(part, classes) + penalty - (cross * torch.cholesky_solve(cross, factor)).sum(0)
         numerator = kernel(part, evaluation, classes) - cross.T @ to_eval  # (B, Ne)
@@ -165,26 +170,21 @@ class NTKLookahead(Strategy):
         model = state.model
         model.eval()
         unlabeled = state.unlabeled_indices
-        split, evaluation = split_pool(state.pool.unlabeled_indices, self.options.eval_fraction, state.seed,
-                                       state.round_index)
-        positions = np.flatnonzero(np.isin(unlabeled, split))  # candidates, in the order of the query's items
+        positions, evaluation = held_out_split(state, self.options.eval_fraction, self.options.eval_size)
         candidates = unlabeled[positions]
-        evaluation = subsample(evaluation, self.options.eval_size, state.seed, state.round_index,
-                               Stream.EVAL_SUBSAMPLE)
         classes = state.num_classes
         labeled_items = pool_kernel_inputs(model, state, state.labeled_indices)
         eval_items = pool_kernel_inputs(model, state, evaluation)
         candidate_items = pool_kernel_inputs(model, state, candidates)
-        scores = torch.full((len(unlabeled),), -torch.inf, dtype=torch.float64)
+        scores = np.full(len(unlabeled), -np.inf)  # evaluation items: never before a candidate
         if len(candidates) and len(evaluation):
             alpha = output_change_coefficients(labeled_items, eval_items, candidate_items, classes,
                                                self.options.ridge, self.options.chunk)
             change = residual_norms(candidate_items.logits, self.options.label) * alpha.abs().mean(1)
-            scores[torch.as_tensor(positions)] = change.cpu()
+            scores[positions] = change.cpu().numpy()
         elif len(candidates):  # nothing to judge on: no lesson is worth more than another
-            scores[torch.as_tensor(positions)] = 0.0
-        scores = scores.numpy()
-        order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+            scores[positions] = 0.0
+        order = top_k(scores, k)
         self.diagnostics = {"candidates": int(len(candidates)), "evaluation": int(len(evaluation)),
                             "top_score": float(scores[order[0]]) if len(order) else None}
         return order, scores[order]
