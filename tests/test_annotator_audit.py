@@ -28,16 +28,23 @@ def answer_everything(client, csrf, digits):
         client.post("/api/annotations", json={"item_id": item, "label": label}, headers={"X-CSRF-Token": csrf})
 
 
-def test_audit_items_are_marked_estimated_and_shown_without_a_test_split(tmp_path, no_test_split, digits):
-    config = RunConfig(dataset="digits", initial=20, query_size=10, rounds=2, epochs=3, seed=0, device="cpu",
-                       audit_fraction=0.4)
-    app = create_app({"DATABASE": str(tmp_path / "a.db"), "RUN_CONFIG": config, "DATASET": no_test_split,
+def signed_in_audit_app(tmp_path, dataset, rounds: int, epochs: int, audit_fraction: float):
+    """(client, csrf token, engine driver) of an annotator on digits with an audit share, the initial
+    batch already queried."""
+    config = RunConfig(dataset="digits", initial=20, query_size=10, rounds=rounds, epochs=epochs, seed=0,
+                       device="cpu", audit_fraction=audit_fraction)
+    app = create_app({"DATABASE": str(tmp_path / "a.db"), "RUN_CONFIG": config, "DATASET": dataset,
                       "ADMIN_TOKEN": TOKEN})
     client = app.test_client()
     client.get(f"/?token={TOKEN}")
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").get_data(as_text=True)).group(1)
     driver = app.extensions["annotator"].driver
     driver.run_until_idle()
+    return client, csrf, driver
+
+
+def test_audit_items_are_marked_estimated_and_shown_without_a_test_split(tmp_path, no_test_split, digits):
+    client, csrf, driver = signed_in_audit_app(tmp_path, no_test_split, rounds=2, epochs=3, audit_fraction=0.4)
     for _ in range(3):  # the initial batch and two queried rounds
         answer_everything(client, csrf, digits)
         driver.run_until_idle()
@@ -76,15 +83,7 @@ def test_audit_items_are_marked_estimated_and_shown_without_a_test_split(tmp_pat
 
 
 def test_with_a_test_split_the_curve_stays_the_test_accuracy(tmp_path, digits):
-    config = RunConfig(dataset="digits", initial=20, query_size=10, rounds=1, epochs=2, seed=0, device="cpu",
-                       audit_fraction=0.3)
-    app = create_app({"DATABASE": str(tmp_path / "a.db"), "RUN_CONFIG": config, "DATASET": digits,
-                      "ADMIN_TOKEN": TOKEN})
-    client = app.test_client()
-    client.get(f"/?token={TOKEN}")
-    csrf = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").get_data(as_text=True)).group(1)
-    driver = app.extensions["annotator"].driver
-    driver.run_until_idle()
+    client, csrf, driver = signed_in_audit_app(tmp_path, digits, rounds=1, epochs=2, audit_fraction=0.3)
     answer_everything(client, csrf, digits)
     driver.run_until_idle()
     page = client.get("/dashboard", headers={"HX-Request": "true"}).get_data(as_text=True)
